@@ -1,0 +1,5 @@
+"""MiniMind (jingyaogong/minimind) in JAX/Flax."""
+from .config import MiniMindConfig
+from .model import CausalLMOutput, MiniMindForCausalLM, cross_entropy, init_cache
+
+__all__ = ["MiniMindConfig", "MiniMindForCausalLM", "CausalLMOutput", "cross_entropy", "init_cache"]

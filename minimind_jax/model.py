@@ -1,0 +1,136 @@
+"""MiniMindForCausalLM in Flax Linen.
+
+Param paths mirror MiniMind's state-dict keys: `model.layers.0.self_attn.q_proj.weight` is
+params["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"] (transposed), `model.norm.weight` is
+params["model"]["norm"]["weight"], `model.embed_tokens.weight` is params["model"]["embed_tokens"]["embedding"];
+`lm_head` exists only when embeddings are untied.
+
+Legend: B batch, T tokens, S cache length, V vocab, D hidden, L layers.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from .attention import Attention, attention_bias
+from .config import MiniMindConfig
+from .layers import MLP, Linear, RMSNorm, default_init, rope_cos_sin
+from .moe import MoEFeedForward
+
+
+class CausalLMOutput(NamedTuple):
+    logits: jax.Array  # [B, T, V] fp32
+    loss: Optional[jax.Array] = None  # CE over shifted labels (ignore -100), without aux_loss, as MiniMind
+    aux_loss: Optional[jax.Array] = None  # MoE load-balancing loss; 0 for dense models and in eval
+    hidden_states: Optional[jax.Array] = None  # [B, T, D] after the final norm
+    cache: Optional[dict] = None  # updated KV cache when one was passed in
+
+
+def init_cache(config: MiniMindConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+    """An empty KV cache: per layer k/v [B, S, K, H] (k after RoPE, before repeating heads); `index` = filled length."""
+    shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
+    return {"layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+                       for _ in range(config.num_hidden_layers)],
+            "index": jnp.zeros((), jnp.int32)}
+
+
+def cross_entropy(logits, labels, ignore_index: int = -100):
+    """MiniMind's loss: logits[:, :-1] against labels[:, 1:], mean over non-ignored tokens."""
+    logits, labels = logits[:, :-1].astype(jnp.float32), labels[:, 1:]
+    valid = labels != ignore_index
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+
+
+class Block(nn.Module):
+    config: MiniMindConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, cos, sin, bias, cache=None, cache_index=None, deterministic=True):
+        cfg = self.config
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.family == "minimind2", name=name)
+        h, new_cache = Attention(cfg, self.dtype, name="self_attn")(
+            norm("input_layernorm")(x), cos, sin, bias, cache, cache_index, deterministic)
+        x = x + h
+        hn = norm("post_attention_layernorm")(x)
+        if cfg.use_moe:
+            m, aux = MoEFeedForward(cfg, self.dtype, name="mlp")(hn, deterministic)
+        else:
+            m, aux = MLP(cfg, None, self.dtype, name="mlp")(hn, deterministic), jnp.zeros((), jnp.float32)
+        return x + m, new_cache, aux
+
+
+class MiniMindModel(nn.Module):
+    config: MiniMindConfig
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        cfg = self.config
+        self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=default_init,
+                                     param_dtype=jnp.float32)
+        self.layers = [Block(cfg, self.dtype, name=f"layers_{i}") for i in range(cfg.num_hidden_layers)]
+        self.norm = RMSNorm(cfg.rms_norm_eps, cfg.family == "minimind2")
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None, cache=None,
+                 deterministic=True):
+        b, t = input_ids.shape
+        start = cache["index"] if cache is not None else 0
+        if positions is None:  # MiniMind: positions continue from the cache length, pads included
+            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        cos, sin = rope_cos_sin(self.config, positions)
+        if cache is None:
+            bias = attention_bias(positions, positions, attention_mask, segment_ids, segment_ids)
+        else:  # keys are cache slots 0..S-1; attention_mask, when given, covers all S slots
+            s = cache["layers"][0]["k"].shape[1]
+            k_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+            bias = attention_bias(positions, k_pos, attention_mask)
+
+        x = self.embed_tokens(input_ids).astype(self.dtype)  # [B, T, D]
+        if self.config.dropout > 0:
+            x = self.dropout(x, deterministic=deterministic)
+        aux_total = jnp.zeros((), jnp.float32)
+        new_layers = []
+        for i, layer in enumerate(self.layers):
+            layer_cache = cache["layers"][i] if cache is not None else None
+            x, c, aux = layer(x, cos, sin, bias, layer_cache, start, deterministic)
+            new_layers.append(c)
+            aux_total = aux_total + aux
+        new_cache = None if cache is None else {"layers": new_layers, "index": start + t}
+        return self.norm(x), new_cache, aux_total
+
+    def attend(self, h):  # tied lm_head: [B, T, D] -> [B, T, V]
+        return self.embed_tokens.attend(h.astype(jnp.float32))
+
+
+class MiniMindForCausalLM(nn.Module):
+    """`MiniMindForCausalLM(config).apply({"params": params}, input_ids)` -> CausalLMOutput (logits first).
+
+    Extra collections: {"lora": adapter-tree} adds low-rank branches (see `lora.apply`).
+    `logits_to_keep=k` computes logits for the last k positions only (MiniMind's argument, used in decoding).
+    """
+    config: MiniMindConfig
+    dtype: Any = jnp.float32  # compute dtype; params stay fp32
+
+    def setup(self):
+        self.model = MiniMindModel(self.config, self.dtype)
+        if not self.config.tie_word_embeddings:
+            self.lm_head = Linear(self.config.vocab_size, jnp.float32)
+
+    def __call__(self, input_ids, attention_mask=None, labels=None, *, positions=None, segment_ids=None,
+                 cache=None, deterministic: bool = True, logits_to_keep: int = 0) -> CausalLMOutput:
+        hidden, new_cache, aux = self.model(input_ids, attention_mask, positions, segment_ids, cache, deterministic)
+        h = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        logits = self.logits(h)
+        loss = cross_entropy(logits, labels) if labels is not None else None
+        return CausalLMOutput(logits, loss, aux, hidden, new_cache)
+
+    def logits(self, hidden):  # [..., D] -> [..., V] fp32
+        if self.config.tie_word_embeddings:
+            return self.model.attend(hidden)
+        return self.lm_head(hidden.astype(jnp.float32))
