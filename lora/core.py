@@ -1,0 +1,166 @@
+"""LoRA as values: an `Adapter` pytree and pure functions init / apply / merge / unmerge.
+
+An adapter's `weights` mirror the params tree down to the adapted modules:
+    params ["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]  [I, O]
+    adapter.weights["model"]["layers_0"]["self_attn"]["q_proj"] = {"A": [I, R], "B": [R, O]}
+and the delta is `s * A @ B` with s = 1 (MiniMind: no alpha), alpha / R, or alpha / sqrt(R) (rsLoRA).
+Only `weights` are pytree leaves; alpha / rslora / targets are static metadata, so `jax.grad`, optax and
+`jax.tree.map` see exactly the trainable factors.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from . import targets as targets_lib
+
+Params = Any
+Rank = Union[int, Mapping[str, int]]
+
+
+@struct.dataclass
+class Adapter:
+    weights: dict
+    alpha: Optional[float] = struct.field(pytree_node=False, default=None)
+    rslora: bool = struct.field(pytree_node=False, default=False)
+    targets: str = struct.field(pytree_node=False, default="square")
+
+    def scale(self, rank: int) -> float:
+        if self.alpha is None:
+            return 1.0
+        return self.alpha / (math.sqrt(rank) if self.rslora else rank)
+
+    def modules(self) -> list[tuple[tuple[str, ...], dict]]:
+        """[(module path, {"A", "B"})] in tree order."""
+        return list(iter_modules(self.weights))
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {targets_lib.module_name(p): ab["A"].shape[-1] for p, ab in self.modules()}
+
+    def num_params(self) -> int:
+        return sum(int(x.size) for x in jax.tree.leaves(self.weights))
+
+
+def iter_modules(tree, path=()):
+    if isinstance(tree, Mapping) and "A" in tree and "B" in tree:
+        yield path, tree
+        return
+    for k, v in tree.items():
+        yield from iter_modules(v, path + (k,))
+
+
+def _set(tree: dict, path, value) -> None:
+    for p in path[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[path[-1]] = value
+
+
+def _get(tree, path):
+    for p in path:
+        if p not in tree:
+            raise KeyError(f"{'/'.join(path)} is not in the params tree (missing {p!r})")
+        tree = tree[p]
+    return tree
+
+
+def _rank_for(rank: Rank, name: str) -> int:
+    if isinstance(rank, int):
+        return rank
+    import re
+    for pat, r in rank.items():  # per-target rank: first pattern (suffix or regex) that matches wins
+        if name.rsplit(".", 1)[-1] == pat or re.fullmatch(pat, name):
+            return int(r)
+    if "*" in rank:
+        return int(rank["*"])
+    raise ValueError(f"no rank given for {name}; per-target ranks {dict(rank)} (add a '*' default)")
+
+
+def init(params: Params, key: jax.Array, rank: Rank = 8, targets: targets_lib.TargetSpec = None,
+         alpha: Optional[float] = None, rslora: bool = False, dtype=jnp.float32) -> Adapter:
+    """A fresh adapter: A ~ N(0, 0.02), B = 0 (MiniMind's init), so it changes nothing until trained."""
+    paths = targets_lib.select(params, targets)
+    weights: dict = {}
+    keys = jax.random.split(key, len(paths))
+    for k, path in zip(keys, paths):
+        i, o = _get(params, path + ("kernel",)).shape
+        r = _rank_for(rank, targets_lib.module_name(path))
+        if r <= 0:
+            raise ValueError(f"rank must be positive, got {r} for {targets_lib.module_name(path)}")
+        _set(weights, path, {"A": 0.02 * jax.random.normal(k, (i, r), dtype), "B": jnp.zeros((r, o), dtype)})
+    return Adapter(weights, alpha=alpha, rslora=rslora, targets=targets_lib.spec_string(targets))
+
+
+def folded(adapter: Adapter) -> dict:
+    """The model's "lora" collection: {..module: {"A": A, "B": s*B}}; the scale rides on B."""
+    out: dict = {}
+    for path, ab in adapter.modules():
+        s = adapter.scale(ab["A"].shape[-1])
+        _set(out, path, {"A": ab["A"], "B": ab["B"] if s == 1.0 else ab["B"] * s})
+    return out
+
+
+def apply(model, params: Params, adapter: Optional[Adapter], *args, adapter_ids=None, **kwargs):
+    """Forward with the low-rank branch `x@W + s*(x@A)@B` (no d x d delta is formed; use for training).
+
+    With a stacked adapter (`lora.stack`), `adapter_ids` [B] picks each row's adapter (-1: none).
+    """
+    variables = {"params": params}
+    if adapter is not None:
+        lora = folded(adapter)
+        if adapter_ids is not None:
+            lora = _gather_rows(lora, adapter_ids)
+        variables["lora"] = lora
+    return model.apply(variables, *args, **kwargs)
+
+
+def _gather_rows(lora: dict, ids):
+    ids = jnp.asarray(ids)
+
+    def pick(x):  # x [N, ...]; id -1 selects an all-zero adapter
+        x0 = jnp.concatenate([x, jnp.zeros_like(x[:1])], axis=0)
+        return x0[jnp.where(ids < 0, x.shape[0], ids)]
+
+    return jax.tree.map(pick, lora)
+
+
+def _delta_apply(params: Params, adapter: Adapter, sign: float, weight: float) -> Params:
+    out = jax.tree.map(lambda x: x, params)  # new containers; arrays are shared, not copied
+    out = _unfreeze(out)
+    for path, ab in adapter.modules():
+        w = _get(out, path + ("kernel",))
+        a, b = ab["A"], ab["B"]
+        if a.shape[0] != w.shape[0] or b.shape[1] != w.shape[1]:
+            raise ValueError(f"adapter for {targets_lib.module_name(path)}: A {a.shape} @ B {b.shape} does not fit "
+                             f"kernel {w.shape}")
+        s = sign * weight * adapter.scale(a.shape[-1])
+        delta = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32), precision="highest")
+        _set(out, path + ("kernel",), (w.astype(jnp.float32) + s * delta).astype(w.dtype))
+    return out
+
+
+def _unfreeze(tree):
+    if isinstance(tree, Mapping):
+        return {k: _unfreeze(v) for k, v in tree.items()}
+    return tree
+
+
+def merge(params: Params, adapter: Adapter, weight: float = 1.0) -> Params:
+    """params with every adapted kernel replaced by `W + weight*s*A@B` (fp32 arithmetic, cast back to W's dtype)."""
+    return _delta_apply(params, adapter, 1.0, weight)
+
+
+def unmerge(params: Params, adapter: Adapter, weight: float = 1.0) -> Params:
+    """Inverse of `merge` (exact up to fp32 rounding)."""
+    return _delta_apply(params, adapter, -1.0, weight)
+
+
+def delta(adapter: Adapter) -> dict:
+    """{module path: s*A@B [I, O]} in fp32, for inspection and tests."""
+    return {p: adapter.scale(ab["A"].shape[-1]) * jnp.matmul(ab["A"].astype(jnp.float32), ab["B"].astype(jnp.float32),
+                                                          precision="highest")
+            for p, ab in adapter.modules()}

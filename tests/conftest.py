@@ -1,0 +1,22 @@
+"""Shared test setup: where the golden fixtures live (../shared/fixtures beside the checkout)."""
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(os.environ.get("MINIMIND_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+
+
+def fixture_dir(case: str) -> Path:
+    d = FIXTURES / case
+    if not d.is_dir():
+        pytest.skip(f"golden fixtures not found at {d} (set MINIMIND_FIXTURES)")
+    return d
+
+
+@pytest.fixture(scope="session")
+def fixtures_root() -> Path:
+    if not FIXTURES.is_dir():
+        pytest.skip(f"golden fixtures not found at {FIXTURES} (set MINIMIND_FIXTURES)")
+    return FIXTURES
