@@ -1,0 +1,346 @@
+"""SFT data pipeline: MiniMind parity, augmentations, bad data, cache, padded/packed batches, resume, sharding."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from train.data import (EMPTY_THINK, IGNORE, SYSTEM_PROMPTS, DataError, SFTLoader, assistant_labels,
+                        load_sft_dataset, parse_record)
+from train.tokenizer import DEFAULT_TOKENIZER_DIR, load_tokenizer
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+SFT_V3 = FIXTURES / "sft_v3"
+MM_TOKENIZER = FIXTURES / "tokenizer_minimind"
+needs_fixtures = pytest.mark.skipif(not (SFT_V3 / "expected.npz").is_file() or not (MM_TOKENIZER / "tokenizer.json").is_file(),
+                                    reason=f"MiniMind fixtures not found under {FIXTURES}")
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "查询天气",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()  # the bundled data/tokenizer
+
+
+@pytest.fixture(scope="module")
+def mm_tok():
+    if not (MM_TOKENIZER / "tokenizer.json").is_file():
+        pytest.skip(f"MiniMind tokenizer fixture not found at {MM_TOKENIZER}")
+    return load_tokenizer(MM_TOKENIZER)
+
+
+def make_convs(n: int = 40) -> list[dict]:
+    """Varied conversations: plain, system, multi-turn, reasoning, tools, long (truncated)."""
+    rng = np.random.default_rng(0)
+    words = ["hello", "world", "模型", "数据", "train", "你好", "LoRA", "token", "学习", "jax"]
+    out = []
+    for i in range(n):
+        say = lambda k: " ".join(rng.choice(words, k))  # noqa: E731
+        kind = i % 6
+        c = [{"role": "user", "content": f"q{i} " + say(3)}, {"role": "assistant", "content": f"a{i} " + say(int(rng.integers(2, 30)))}]
+        if kind == 1:
+            c.insert(0, {"role": "system", "content": "You are terse."})
+        elif kind == 2:
+            c += [{"role": "user", "content": say(4)}, {"role": "assistant", "content": say(6)}]
+        elif kind == 3:
+            c[1]["reasoning_content"] = "think " + say(3)
+        elif kind == 4:
+            c = [{"role": "system", "content": f"tools {i}", "tools": json.dumps(TOOLS, ensure_ascii=False)},
+                 {"role": "user", "content": f"北京天气? {i}"},
+                 {"role": "assistant", "content": "", "tool_calls": json.dumps([{"name": "get_weather", "arguments": {"city": "北京"}}])},
+                 {"role": "tool", "content": "晴"}, {"role": "assistant", "content": "晴天。"}]
+        elif kind == 5:
+            c[1]["content"] = say(120)  # longer than max_seq_len below
+        out.append({"conversations": c})
+    return out
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def ds(tok, tmp_path_factory):
+    d = tmp_path_factory.mktemp("sft")
+    return load_sft_dataset(write_jsonl(d / "convs.jsonl", make_convs()), tok, max_seq_len=96, cache_dir=d / "cache")
+
+
+def loader(ds, **kw):
+    kw.setdefault("process_index", 0)
+    kw.setdefault("process_count", 1)
+    return SFTLoader(ds, kw.pop("batch", 4), **kw)
+
+
+# ------------------------------------------------------------------------------------------- MiniMind parity
+
+
+@needs_fixtures
+def test_fixture_parity(mm_tok, tmp_path):
+    expected = np.load(SFT_V3 / "expected.npz")
+    ids_info = json.loads((SFT_V3 / "tokenizer_ids.json").read_text())
+    ds = load_sft_dataset(SFT_V3 / "conversations.jsonl", mm_tok, max_seq_len=64, cache_dir=tmp_path)
+    assert ds.bos_ids.tolist() == ids_info["sft_bos_id_sequence"] and ds.eos_ids.tolist() == ids_info["sft_eos_id_sequence"]
+    assert (mm_tok.pad_token_id, mm_tok.bos_token_id, mm_tok.eos_token_id, mm_tok.vocab_size) == (0, 1, 2, 6400)
+    batch = next(iter(loader(ds, batch=8, shuffle=False, add_system_ratio=0.0, empty_think_ratio=1.0)))
+    np.testing.assert_array_equal(batch["input_ids"], expected["input_ids"])
+    np.testing.assert_array_equal(batch["labels"], expected["labels"])
+    np.testing.assert_array_equal(ds.full_len, expected["lengths"])
+    rendered = [json.loads(l) for l in (SFT_V3 / "rendered.txt").read_text(encoding="utf-8").splitlines() if l.startswith('"')]
+    convs = [json.loads(l)["conversations"] for l in (SFT_V3 / "conversations.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [mm_tok.apply_chat_template(c) for c in convs] == rendered
+
+
+def test_labels_match_minimind_loop():
+    """The vectorised labels equal a direct transcription of MiniMind's generate_labels loop."""
+    bos, eos = [1, 7, 3], [2, 5]
+
+    def reference(ids, max_len):
+        labels, i = [-100] * len(ids), 0
+        while i < len(ids):
+            if ids[i:i + len(bos)] == bos:
+                start = end = i + len(bos)
+                while end < len(ids) and ids[end:end + len(eos)] != eos:
+                    end += 1
+                for j in range(start, min(end + len(eos), max_len)):
+                    labels[j] = ids[j]
+                i = end + len(eos) if end < len(ids) else len(ids)
+            else:
+                i += 1
+        return labels
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        ids = rng.choice([0, 1, 2, 3, 5, 7, 9], size=int(rng.integers(1, 40)), p=[.1, .2, .2, .15, .15, .15, .05]).tolist()
+        got = assistant_labels(np.array(ids), np.array(bos), np.array(eos)).tolist()
+        assert got == reference(ids, len(ids)), ids
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer
+
+
+def test_bundled_tokenizer(tok):
+    assert tok.vocab_size == 6400 and (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+    for i, s in enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]):
+        assert tok.encode(s) == [i]
+    assert [tok.encode(s) for s in ("<think>", "</think>", "<tool_call>", "</tool_call>")] == [[25], [26], [21], [22]]
+    assert tok.encode("<|im_start|>assistant\n")[0] == 1 and tok.encode("<|im_end|>\n")[0] == 2
+    for line in (DEFAULT_TOKENIZER_DIR.parent / "lora_identity.jsonl").read_text(encoding="utf-8").splitlines():
+        text = tok.apply_chat_template(json.loads(line)["conversations"])
+        assert tok.decode(tok.encode(text)) == text
+    assert tok.decode(tok.encode("<think>x</think>"), skip_special_tokens=True) == "<think>x</think>"  # not special
+
+
+def test_chat_template_features(tok):
+    msgs = [{"role": "user", "content": "你是谁？"}]
+    assert tok.apply_chat_template(msgs, add_generation_prompt=True).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert tok.apply_chat_template(msgs, add_generation_prompt=True, open_thinking=True).endswith("assistant\n<think>\n")
+    assert tok.apply_chat_template(msgs, add_generation_prompt=True, enable_thinking=True).endswith("assistant\n<think>\n")
+    assert tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)[-1] == tok.encode("\n\n")[-1]
+    with_tools = tok.apply_chat_template(msgs, tools=TOOLS)
+    assert with_tools.startswith("<|im_start|>system\n# Tools") and json.dumps(TOOLS[0], ensure_ascii=False) in with_tools
+    # "查询天气" stays unescaped (transformers' tojson), and reasoning_content lands inside <think>
+    r = tok.apply_chat_template(msgs + [{"role": "assistant", "content": "A", "reasoning_content": "R"}])
+    assert r.endswith("<|im_start|>assistant\n<think>\nR\n</think>\n\nA<|im_end|>\n")
+
+
+def test_missing_tokenizer_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        load_tokenizer(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------- augmentations
+
+
+def _decoded_rows(tok, batch):
+    return [tok.decode(row[row != tok.pad_token_id]) for row in batch["input_ids"]]
+
+
+def test_augmentation_ratios(tok, ds):
+    n = len(ds)
+    never = loader(ds, batch=n, shuffle=False, add_system_ratio=0.0, empty_think_ratio=1.0).get_batch(0, 0)
+    always = loader(ds, batch=n, shuffle=False, add_system_ratio=1.0, empty_think_ratio=0.0).get_batch(0, 0)
+    convs = make_convs()
+    for i, (c, plain, aug) in enumerate(zip(convs, _decoded_rows(tok, never), _decoded_rows(tok, always))):
+        msgs, tools, _ = parse_record(json.dumps(c), "test")  # tools / tool_calls JSON strings parsed, like MiniMind
+        c = c["conversations"]
+        # the bundled tokenizer is byte-level, so decode(encode(x)) is x: compare text
+        assert plain == tok.apply_chat_template(msgs, tools=tools)[: len(plain)]
+        assert EMPTY_THINK not in aug
+        if c[0]["role"] == "system" or any(m.get("tools") for m in c):
+            assert not any(aug.startswith(f"<|im_start|>system\n{p}<|im_end|>") for p in SYSTEM_PROMPTS)
+        else:
+            assert any(aug.startswith(f"<|im_start|>system\n{p}<|im_end|>\n<|im_start|>user") for p in SYSTEM_PROMPTS)
+        if "reasoning_content" not in c[1] and ds.full_len[i] <= ds.max_seq_len:
+            assert EMPTY_THINK in plain
+    # cached pieces == rendering the augmented conversation directly, as MiniMind does
+    i = 0
+    assert len(set(_decoded_rows(tok, always))) == n  # (each sample is distinct)
+    sys_choice, drop = ds.draw_augmentations(42, 0, 1.0, 0.0)
+    direct = tok.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPTS[sys_choice[i]]}] + convs[i]["conversations"])
+    assert ds.example(i, sys_choice[i], drop[i]).tolist() == tok.encode(direct.replace(EMPTY_THINK, ""))[:96]
+
+
+@needs_fixtures
+def test_augmented_tokens_equal_direct_tokenization_minimind(mm_tok, tmp_path):
+    ds = load_sft_dataset(SFT_V3 / "conversations.jsonl", mm_tok, max_seq_len=200, use_cache=False)
+    convs = [json.loads(l)["conversations"] for l in (SFT_V3 / "conversations.jsonl").read_text(encoding="utf-8").splitlines()]
+    for i, c in enumerate(convs):
+        for k in range(len(SYSTEM_PROMPTS)):
+            for drop in (False, True):
+                sys_k = -1 if c[0]["role"] == "system" else k
+                msgs = c if sys_k < 0 else [{"role": "system", "content": SYSTEM_PROMPTS[k]}] + c
+                text = mm_tok.apply_chat_template(msgs)
+                text = text.replace(EMPTY_THINK, "") if drop else text
+                assert ds.example(i, sys_k, drop).tolist() == mm_tok.encode(text)[:200]
+
+
+def test_augmentation_seeded(ds):
+    a = [b["input_ids"] for b in loader(ds, seed=7, num_epochs=2)]
+    b = [b["input_ids"] for b in loader(ds, seed=7, num_epochs=2)]
+    c = [b["input_ids"] for b in loader(ds, seed=8, num_epochs=2)]
+    assert all((x == y).all() for x, y in zip(a, b)) and len(a) == len(b)
+    assert not all((x == y).all() for x, y in zip(a, c))
+    half = len(a) // 2
+    assert not all((x == y).all() for x, y in zip(a[:half], a[half:]))  # epochs differ
+    s1, d1 = ds.draw_augmentations(7, 0, 0.5, 0.5)
+    s2, d2 = ds.draw_augmentations(7, 0, 0.5, 0.5)
+    assert (s1 == s2).all() and (d1 == d2).all() and (s1 >= 0).any() and (s1 < 0).any() and d1.any() and (~d1).any()
+
+
+# ----------------------------------------------------------------------------------------------- bad data
+
+
+GOOD = {"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}
+BAD_LINES = {
+    "malformed JSON": '{"conversations": [',
+    "missing 'conversations'": json.dumps({"messages": GOOD["conversations"]}),
+    "non-empty list": json.dumps({"conversations": "hi"}),
+    "no assistant turn": json.dumps({"conversations": [{"role": "user", "content": "hi"}]}),
+    "unknown role": json.dumps({"conversations": [{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "ok"}]}),
+    "'tools' is not valid JSON": json.dumps({"conversations": [{"role": "system", "content": "s", "tools": "[{"}, *GOOD["conversations"]]}),
+    "'content' must be a string": json.dumps({"conversations": [{"role": "user", "content": 3}, {"role": "assistant", "content": "ok"}]}),
+}
+
+
+@pytest.mark.parametrize("what", list(BAD_LINES))
+def test_bad_line_errors(tok, tmp_path, what):
+    path = write_jsonl(tmp_path / "bad.jsonl", [GOOD, "", GOOD, BAD_LINES[what], GOOD])
+    with pytest.raises(DataError, match="bad.jsonl:4: .*" + what):
+        load_sft_dataset(path, tok, 32, cache_dir=tmp_path / "cache")
+    assert not list((tmp_path / "cache").iterdir())  # no partial cache left behind
+
+
+def test_empty_file(tok, tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n\n")
+    with pytest.raises(DataError, match="empty.jsonl:0: empty file"):
+        load_sft_dataset(path, tok, 32, use_cache=False)
+
+
+def test_skip_bad_lines(tok, tmp_path, caplog):
+    path = write_jsonl(tmp_path / "mixed.jsonl", [GOOD] + list(BAD_LINES.values()) + [GOOD])
+    with caplog.at_level("WARNING", logger="train.data"):
+        ds = load_sft_dataset(path, tok, 32, cache_dir=tmp_path, skip_bad_lines=True)
+    assert len(ds) == 2 and ds.num_bad_lines == len(BAD_LINES)
+    assert f"skipped {len(BAD_LINES)} bad line(s)" in caplog.text and "mixed.jsonl:2: malformed JSON" in caplog.text
+    assert ds.source(1).endswith(f"mixed.jsonl:{len(BAD_LINES) + 2}")
+    assert load_sft_dataset(path, tok, 32, cache_dir=tmp_path, skip_bad_lines=True).num_bad_lines == len(BAD_LINES)  # cached
+
+
+# ----------------------------------------------------------------------------------------------- cache
+
+
+def test_cache_reuse(tok, tmp_path, monkeypatch):
+    path = write_jsonl(tmp_path / "c.jsonl", make_convs(12))
+    first = load_sft_dataset(path, tok, 64, cache_dir=tmp_path / "cache")
+    assert not first.cache_hit and len(list((tmp_path / "cache").iterdir())) == 2
+    with monkeypatch.context() as m:
+        m.setattr(type(tok), "encode_batch", lambda *a, **k: pytest.fail("cache hit must not re-tokenize"))
+        again = load_sft_dataset(path, tok, 64, cache_dir=tmp_path / "cache")
+    assert again.cache_hit and again.cache_path == first.cache_path
+    fresh = load_sft_dataset(path, tok, 64, use_cache=False)
+    for k in ("keep_off", "keep_len", "drop_off", "drop_len", "full_len", "can_add_system", "has_empty_think"):
+        np.testing.assert_array_equal(getattr(again, k), getattr(fresh, k))
+    np.testing.assert_array_equal(np.asarray(again.tokens), fresh.tokens)
+    assert not load_sft_dataset(path, tok, 48, cache_dir=tmp_path / "cache").cache_hit  # max_seq_len is in the key
+    write_jsonl(path, make_convs(13))
+    assert not load_sft_dataset(path, tok, 64, cache_dir=tmp_path / "cache").cache_hit  # so is the content
+
+
+# ----------------------------------------------------------------------------------------------- packing
+
+
+def test_packing(ds):
+    padded = loader(ds, batch=4, num_epochs=1, seed=3)
+    packed = loader(ds, batch=2, num_epochs=1, seed=3, packed=True, seq_len=256)
+    want, got = [], []
+    for b in padded:
+        for ids, lab in zip(b["input_ids"], b["labels"]):
+            n = int((ids != ds.pad_id).sum())  # the bundled tokenizer never emits pad (id 0) inside text
+            if n:
+                want.append((tuple(ids[:n]), tuple(lab[:n])))
+    n_batches = 0
+    for b in packed:
+        n_batches += 1
+        ids, lab, seg, pos = b["input_ids"], b["labels"], b["segment_ids"], b["positions"]
+        assert ids.shape == lab.shape == seg.shape == pos.shape == (2, 256) and ids.dtype == np.int32
+        for r in range(2):
+            pad = seg[r] == 0
+            assert (ids[r][pad] == ds.pad_id).all() and (lab[r][pad] == IGNORE).all() and (pos[r][pad] == 0).all()
+            assert not pad[: (~pad).sum()].any()  # padding only at the end
+            starts = np.flatnonzero(np.diff(seg[r], prepend=0) != 0)
+            for s in starts:
+                if seg[r, s]:
+                    assert pos[r, s] == 0 and lab[r, s] == IGNORE  # no prediction across samples after the shift
+            for k in range(1, seg[r].max() + 1):
+                m = seg[r] == k
+                assert (pos[r][m] == np.arange(m.sum())).all()
+                got.append((tuple(ids[r][m]), tuple(lab[r][m])))
+    assert sorted(want) == sorted(got)  # every sample, hence every supervised token, exactly once
+    assert n_batches < len(want) / 2  # packing actually packs
+    assert packed.fill_ratio(0) > padded.fill_ratio(0)
+
+
+# ----------------------------------------------------------------------------------------------- resume, shards
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_resume(ds, packed):
+    kw = dict(batch=4, seed=5, num_epochs=3, packed=packed)
+    full = list(loader(ds, **kw))
+    it = loader(ds, **kw)
+    stream = iter(it)
+    k = it.steps_in_epoch(0) + 2  # stop inside epoch 1
+    for _ in range(k):
+        next(stream)
+    state = it.state_dict()
+    assert (state["epoch"], state["step"]) == (1, 2)
+    resumed = loader(ds, **kw)
+    resumed.load_state_dict(json.loads(json.dumps(state)))
+    rest = list(resumed)
+    assert len(full) == k + len(rest)
+    for a, b in zip(full[k:], rest):
+        assert a.keys() == b.keys() and all((a[x] == b[x]).all() for x in a)
+    with pytest.raises(ValueError, match="seed"):
+        loader(ds, **{**kw, "seed": 6}).load_state_dict(state)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_sharding(ds, packed):
+    kw = dict(batch=4, seed=1, num_epochs=1, packed=packed)
+    whole = list(loader(ds, **kw))
+    shards = [list(loader(ds, process_index=p, process_count=2, **kw)) for p in range(2)]
+    assert len(shards[0]) == len(shards[1]) == len(whole)
+    for g, s0, s1 in zip(whole, *shards):
+        assert s0["input_ids"].shape[0] == 2
+        for key in g:  # host slices stack, in process order, into the global batch
+            np.testing.assert_array_equal(np.concatenate([s0[key], s1[key]]), g[key])
+    rows = lambda bs: {tuple(r) for b in bs for r in b["input_ids"] if (r != ds.pad_id).any()}  # noqa: E731
+    assert not rows(shards[0]) & rows(shards[1]) and rows(shards[0]) | rows(shards[1]) == rows(whole)
+    with pytest.raises(ValueError, match="divisible"):
+        loader(ds, batch=3, process_index=0, process_count=2)
