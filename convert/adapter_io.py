@@ -1,0 +1,423 @@
+"""LoRA adapters in and out: MiniMind `.pth` / `.safetensors`, PEFT directories, orbax adapter checkpoints.
+
+MiniMind keys: `<module>.lora.A.weight` [r, in] and `<module>.lora.B.weight` [out, r]; MiniMind has no alpha
+(its delta is B@A), so writing an adapter with a non-unit scale folds the scale into B. `lora.Adapter` keeps
+A [in, r], B [r, out] at the module's place in the params tree (see lora/core.py).
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora.core import Adapter
+from lora.targets import kernel_paths
+from minimind_jax.config import MiniMindConfig
+
+from . import checkpoint as ckpt
+from . import peft as peft_io
+from .keys import LORA_KEY_RE, lora_key, module_name, module_path, strip_prefix
+from .model_io import (TORCH_SUFFIXES, ConfigLike, _torch_order, load_model, param_shapes, resolve_config,
+                       sniff_kind)
+from .safetensors_io import read_safetensors, write_safetensors
+from .torch_io import read_pth, write_pth
+from .util import CheckpointError, PathLike, as_numpy, cast, parse_dtype, short_list, split_minimind_name
+
+RESERVED = ("format", "version", "alpha", "rslora", "targets", "rank", "ranks", "modules", "dtype", "num_params",
+            "stacked", "created")
+
+
+class BaseMismatchWarning(UserWarning):
+    """The adapter was trained on other base weights than the ones it is loaded against."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fingerprint / metadata
+# ---------------------------------------------------------------------------------------------------------
+def fingerprint(params, sample: int = 4096) -> str:
+    """A short identity of base weights: sha256 over every leaf's path, shape and its first `sample` values
+    (as float32). Cheap on large models; differs between any two differently trained bases."""
+    h = hashlib.sha256()
+    leaves = sorted(((tuple(str(getattr(k, "key", k)) for k in path), leaf)
+                     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]), key=lambda t: t[0])
+    for path, leaf in leaves:
+        h.update(f"{'/'.join(path)}:{tuple(leaf.shape)};".encode())
+        h.update(np.ascontiguousarray(as_numpy(leaf.reshape(-1)[:sample]).astype(np.float32)).tobytes())
+    return "sha256:" + h.hexdigest()[:32]
+
+
+def _jsonable(x, where: str):
+    if isinstance(x, MiniMindConfig):
+        return x.to_dict()
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v, f"{where}.{k}") for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(x)]
+    if isinstance(x, (np.generic, np.ndarray, jax.Array)) and np.ndim(x) == 0:
+        return np.asarray(x).item()
+    if isinstance(x, Path):
+        return str(x)
+    if x is None or isinstance(x, (str, int, float, bool)):
+        return x
+    raise TypeError(f"adapter metadata {where} = {x!r} ({type(x).__name__}) is not JSON-serialisable")
+
+
+def _ranks(adapter: Adapter) -> dict[str, int]:
+    return {module_name(p): int(ab["A"].shape[-1]) for p, ab in adapter.modules()}
+
+
+def _common_rank(ranks: Mapping[str, int]) -> Optional[int]:
+    vals = set(ranks.values())
+    return vals.pop() if len(vals) == 1 else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# structure checks
+# ---------------------------------------------------------------------------------------------------------
+def _from_torch_modules(mods: Mapping[str, Mapping[str, np.ndarray]], source, dtype) -> dict:
+    """{module: {"A": [r, in], "B": [out, r]}} (torch layout) -> adapter weights tree (A [in, r], B [r, out]);
+    one error lists unpaired factors, non-2-D factors and rank mismatches."""
+    missing, bad = [], []
+    for m, ab in mods.items():
+        for f in ("A", "B"):
+            if f not in ab:
+                missing.append(lora_key(m, f))
+        if "A" in ab and "B" in ab:
+            a, b = ab["A"], ab["B"]
+            if a.ndim != 2 or b.ndim != 2:
+                bad.append(f"{m}: A {list(a.shape)}, B {list(b.shape)} (both must be 2-D)")
+            elif a.shape[0] != b.shape[1]:
+                bad.append(f"{m}: rank mismatch: A {list(a.shape)} has rank {a.shape[0]} but B {list(b.shape)} "
+                           f"has rank {b.shape[1]}")
+    if missing or bad:
+        parts = ([f"missing keys ({len(missing)}): {short_list(missing)}"] if missing else []) + \
+                ([f"bad shapes: {short_list(bad, 8)}"] if bad else [])
+        raise CheckpointError(f"{source}: not a valid LoRA adapter: " + "; ".join(parts))
+    if not mods:
+        raise CheckpointError(f"{source}: holds no LoRA factors")
+    weights: dict = {}
+    for m in sorted(mods, key=lambda k: _torch_order(k, "minimind3")):
+        node = weights
+        for p in module_path(m)[:-1]:
+            node = node.setdefault(p, {})
+        node[module_path(m)[-1]] = {"A": jnp.asarray(cast(mods[m]["A"].T, dtype)),
+                                    "B": jnp.asarray(cast(mods[m]["B"].T, dtype))}
+    return weights
+
+
+def _targets_of(names) -> str:
+    out = []
+    for m in sorted(names, key=lambda k: _torch_order(k, "minimind3")):
+        last = m.rsplit(".", 1)[-1]
+        if last not in out:
+            out.append(last)
+    return ",".join(out)
+
+
+def check_adapter(adapter: Adapter, params=None, config: ConfigLike = None, source: Any = "adapter") -> None:
+    """Raise one CheckpointError if the adapter's modules are not in the base, or their shapes do not fit."""
+    cfg = resolve_config(config)
+    if params is None and cfg is None:
+        return
+    base = params if params is not None else param_shapes(cfg)
+    kernels = {module_name(p): shape for p, shape in kernel_paths(base)}
+    absent, misfit = [], []
+    for path, ab in adapter.modules():
+        m = module_name(path)
+        i, o = ab["A"].shape[-2], ab["B"].shape[-1]
+        if m not in kernels:
+            absent.append(m)
+        elif (i, o) != tuple(kernels[m]):
+            misfit.append(f"{m}: adapter maps {i} -> {o} but the base kernel is [in {kernels[m][0]}, out "
+                          f"{kernels[m][1]}]")
+    if absent or misfit:
+        desc = (f"{cfg.family}, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers"
+                f"{', MoE' if cfg.use_moe else ''}" if cfg is not None else f"{len(kernels)} linear layers")
+        parts = ([f"modules not in the base ({len(absent)}): {short_list(absent, 8)}"] if absent else []) + \
+                ([f"shapes that do not fit ({len(misfit)}): {short_list(misfit, 6)}"] if misfit else [])
+        raise CheckpointError(f"{source} does not fit the base model ({desc}); is it an adapter for another "
+                              f"model size or family? " + "; ".join(parts))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MiniMind state dicts
+# ---------------------------------------------------------------------------------------------------------
+def adapter_from_minimind(sd: Mapping[str, np.ndarray], source: Any = "state dict", dtype=np.float32) -> Adapter:
+    """MiniMind's LoRA state dict (optionally `module.`-prefixed) -> Adapter (alpha None: scale 1)."""
+    mods: dict[str, dict[str, np.ndarray]] = {}
+    unexpected = []
+    for k, v in sd.items():
+        m = LORA_KEY_RE.match(strip_prefix(k))
+        if m:
+            mods.setdefault(m.group("module"), {})[m.group("factor")] = v
+        else:
+            unexpected.append(k)
+    if unexpected:
+        hint = ""
+        if not mods and any(k.endswith("embed_tokens.weight") for k in unexpected):
+            hint = " (this is a whole model, not a LoRA adapter: use load_model)"
+        elif any(peft_io.KEY_RE.match(k) for k in unexpected):
+            hint = " (PEFT keys: give the PEFT directory with its adapter_config.json)"
+        raise CheckpointError(f"{source}: unexpected keys for a MiniMind LoRA adapter ({len(unexpected)}): "
+                              f"{short_list(unexpected)}{hint}")
+    weights = _from_torch_modules(mods, source, parse_dtype(dtype))
+    return Adapter(weights, alpha=None, rslora=False, targets=_targets_of(mods))
+
+
+def adapter_to_minimind(adapter: Adapter, dtype=None) -> dict[str, np.ndarray]:
+    """Adapter -> MiniMind's LoRA state dict (torch layout, MiniMind's module order, scale folded into B)."""
+    dt = parse_dtype(dtype)
+    out = {}
+    for path, ab in _sorted_modules(adapter):
+        a, b = as_numpy(ab["A"]), as_numpy(ab["B"])
+        s = adapter.scale(a.shape[-1])
+        if s != 1.0:
+            b = (b.astype(np.float32) * np.float32(s)).astype(dt or b.dtype)
+        m = module_name(path)
+        out[lora_key(m, "A")] = np.ascontiguousarray(cast(a, dt).T)
+        out[lora_key(m, "B")] = np.ascontiguousarray(cast(b, dt).T)
+    return out
+
+
+def _sorted_modules(adapter: Adapter):
+    mods = adapter.modules()
+    if not mods:
+        raise ValueError("the adapter has no modules")
+    if any(ab["A"].ndim != 2 for _, ab in mods):
+        raise ValueError("a stacked adapter (lora.stack) has no MiniMind/PEFT form: lora.unstack it and save "
+                         "each adapter (orbax .ckpt keeps stacked adapters as they are)")
+    return sorted(mods, key=lambda pm: _torch_order(module_name(pm[0]), "minimind3"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# load / save
+# ---------------------------------------------------------------------------------------------------------
+def _adapter_kind(p: Path) -> str:
+    kind = sniff_kind(p)
+    if kind in ("torch", "safetensors") and (p.parent / peft_io.CONFIG).is_file() and \
+            p.name in (peft_io.WEIGHTS, peft_io.WEIGHTS_BIN):
+        return "peft"
+    return kind
+
+
+def _from_peft(p: Path, dtype) -> Adapter:
+    mods, scales, cfg = peft_io.read_peft(p)
+    weights_mods = {m: dict(ab) for m, ab in mods.items()}
+    alpha, rslora = None, False
+    if any(s != 1.0 for s in scales.values()):
+        cand = Adapter({}, alpha=float(cfg.get("lora_alpha", 8)), rslora=bool(cfg.get("use_rslora", False)))
+        if all(cand.scale(ab["A"].shape[0]) == scales[m] for m, ab in mods.items() if "A" in ab):
+            alpha, rslora = cand.alpha, cand.rslora
+        else:  # per-module alphas (alpha_pattern): one alpha cannot express them, fold each scale into B
+            for m, ab in weights_mods.items():
+                if "B" in ab:
+                    ab["B"] = (ab["B"].astype(np.float32) * np.float32(scales[m])).astype(ab["B"].dtype)
+    weights = _from_torch_modules(weights_mods, p, parse_dtype(dtype))
+    return Adapter(weights, alpha=alpha, rslora=rslora, targets=_targets_of(mods))
+
+
+def _from_ckpt(p: Path, dtype) -> tuple[Adapter, dict]:
+    meta, tree = ckpt.load_adapter_ckpt(p)
+    dt = parse_dtype(dtype)
+    mods = {}
+
+    def walk(node, path):
+        if isinstance(node, Mapping) and "A" in node and "B" in node:
+            mods[path] = node
+            return
+        if not isinstance(node, Mapping):
+            raise CheckpointError(f"{p}: unexpected leaf at {'/'.join(path)} in the adapter weights")
+        for k, v in node.items():
+            walk(v, path + (k,))
+
+    walk(tree, ())
+    bad = [f"{module_name(q)}: A {list(ab['A'].shape)}, B {list(ab['B'].shape)}" for q, ab in mods.items()
+           if ab["A"].ndim != ab["B"].ndim or ab["A"].shape[-1] != ab["B"].shape[-2]]
+    if bad:
+        raise CheckpointError(f"{p}: rank mismatch between A and B: {short_list(bad, 8)}")
+    want = meta.get("ranks")
+    if isinstance(want, Mapping) and set(want) != {module_name(q) for q in mods}:
+        raise CheckpointError(f"{p}: {ckpt.ADAPTER_META} lists modules {short_list(sorted(want), 6)} but the "
+                              f"weights hold {short_list(sorted(module_name(q) for q in mods), 6)}")
+    weights = jax.tree.map(lambda x: jnp.asarray(cast(np.asarray(x), dt)), tree)
+    return Adapter(weights, alpha=meta.get("alpha"), rslora=bool(meta.get("rslora", False)),
+                   targets=meta.get("targets") or "square"), meta
+
+
+def load_adapter(path: PathLike, params=None, config: ConfigLike = None, dtype: Any = np.float32) -> Adapter:
+    """A `lora.Adapter` from a MiniMind LoRA `.pth`/`.safetensors`, a PEFT directory (or its
+    adapter_model.safetensors) or an orbax adapter checkpoint (format detected).
+
+    params / config: the base; when given, every module must exist there with matching in/out sizes (and an
+    orbax checkpoint's recorded base fingerprint is compared with `fingerprint(params)`: a warning on mismatch).
+    dtype: of the factors (default float32; None keeps the stored dtype).
+    """
+    p = Path(path)
+    kind = _adapter_kind(p)
+    if kind == "adapter-ckpt":
+        adapter, meta = _from_ckpt(p, dtype)
+        fp = meta.get("base_fingerprint")
+        if params is not None and fp and fp != fingerprint(params):
+            warnings.warn(f"{p}: this adapter was trained on base weights with fingerprint {fp}, the params given "
+                          f"have {fingerprint(params)}: it may not do what it did in training",
+                          BaseMismatchWarning, stacklevel=2)
+    elif kind == "peft":
+        adapter = _from_peft(p, dtype)
+    elif kind == "torch":
+        adapter = adapter_from_minimind(read_pth(p), p, dtype)
+    elif kind == "safetensors":
+        adapter = adapter_from_minimind(read_safetensors(p)[0], p, dtype)
+    else:
+        raise CheckpointError(f"{p}: a {kind} (whole model), not a LoRA adapter: use load_model")
+    check_adapter(adapter, params, config, p)
+    return adapter
+
+
+def _format_for(p: Path, format: Optional[str]) -> str:
+    if format is not None:
+        f = {"orbax": "ckpt", "ckpt": "ckpt", "minimind": "pth", "pth": "pth", "torch": "pth", "peft": "peft",
+             "safetensors": "safetensors"}.get(format.lower())
+        if f is None:
+            raise ValueError(f"unknown adapter format {format!r}: use 'ckpt' (orbax), 'pth' (MiniMind), 'peft' "
+                             f"or 'safetensors' (MiniMind keys)")
+        return f
+    if p.suffix in TORCH_SUFFIXES:
+        return "pth"
+    if p.suffix == ".safetensors":
+        return "safetensors"
+    return "ckpt"
+
+
+def save_adapter(adapter: Adapter, path: PathLike, format: Optional[str] = None, metadata: Optional[Mapping] = None,
+                 dtype: Any = None, overwrite: bool = False, config: ConfigLike = None, params=None) -> Path:
+    """Write an adapter in the format the path implies (or `format`):
+
+    - `.ckpt` / a directory / no suffix: orbax adapter checkpoint (weights + adapter.json metadata: ranks,
+      alpha, rslora, targets, dtype, base config and base fingerprint when `config` / `params` are given,
+      and every key of `metadata`);
+    - `.pth`: MiniMind's LoRA state dict, float16 by default like MiniMind's save_lora (dtype='float32' for
+      exact), scale folded into B;
+    - `.safetensors`: MiniMind's keys in safetensors (scale folded into B);
+    - format='peft': a PEFT directory (adapter_config.json + adapter_model.safetensors).
+
+    Atomic: written under a hidden temporary name and renamed; an existing path is replaced only with
+    overwrite=True. Returns the path written.
+    """
+    p = Path(path)
+    fmt = _format_for(p, format)
+    cfg = resolve_config(config)
+    if cfg is not None or params is not None:
+        check_adapter(adapter, params, cfg, "adapter")
+    if fmt == "pth":
+        write_pth(p, adapter_to_minimind(adapter, dtype if dtype is not None else "float16"), None, overwrite)
+    elif fmt == "safetensors":
+        meta = {"format": "pt", "minimind_lora": "1", "targets": adapter.targets}
+        write_safetensors(p, adapter_to_minimind(adapter, dtype), meta, overwrite)
+    elif fmt == "peft":
+        mods, ranks = {}, {}
+        for path_, ab in _sorted_modules(adapter):
+            m = module_name(path_)
+            a, b = cast(as_numpy(ab["A"]), parse_dtype(dtype)), cast(as_numpy(ab["B"]), parse_dtype(dtype))
+            mods[m] = {"A": np.ascontiguousarray(a.T), "B": np.ascontiguousarray(b.T)}
+            ranks[m] = a.shape[-1]
+        if adapter.alpha is None:  # scale 1: lora_alpha = r (per module where ranks differ)
+            r = max(set(ranks.values()), key=list(ranks.values()).count)
+            alpha, rslora, pattern = float(r), False, {m: float(rk) for m, rk in ranks.items() if rk != r}
+        else:
+            alpha, rslora, pattern = float(adapter.alpha), bool(adapter.rslora), {}
+        base = (metadata or {}).get("base_model")
+        peft_io.write_peft(p, mods, alpha, rslora, pattern, base, overwrite)
+    else:
+        meta = _ckpt_metadata(adapter, metadata, dtype, cfg, params)
+        dt = parse_dtype(dtype)
+        weights = adapter.weights if dt is None else jax.tree.map(lambda x: x.astype(dt), adapter.weights)
+        if not adapter.modules():
+            raise ValueError("the adapter has no modules")
+        ckpt.save_adapter_ckpt(p, weights, meta, overwrite)
+    return p
+
+
+def _ckpt_metadata(adapter: Adapter, metadata, dtype, cfg: Optional[MiniMindConfig], params) -> dict:
+    user = dict(metadata or {})
+    clash = [k for k in user if k in RESERVED]
+    if clash:
+        raise ValueError(f"adapter metadata keys {clash} are reserved (written from the adapter itself)")
+    user = _jsonable(user, "metadata")
+    ranks = _ranks(adapter)
+    leaves = jax.tree.leaves(adapter.weights)
+    meta = {
+        "format": ckpt.ADAPTER_FORMAT, "version": 1,
+        "alpha": adapter.alpha, "rslora": bool(adapter.rslora), "targets": adapter.targets,
+        "rank": _common_rank(ranks), "ranks": ranks, "modules": len(ranks),
+        "dtype": str(parse_dtype(dtype) or (leaves[0].dtype if leaves else "float32")),
+        "num_params": adapter.num_params(), "stacked": bool(adapter.stacked),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if cfg is not None:
+        meta["base_config"] = cfg.to_dict()
+    if params is not None:
+        meta["base_fingerprint"] = fingerprint(params)
+    meta.update(user)  # may carry base_config / base_fingerprint / lora_name / step / ...
+    if isinstance(meta.get("base_config"), Mapping) and "hidden_size" in meta["base_config"]:
+        meta.setdefault("hidden_size", meta["base_config"]["hidden_size"])
+    return meta
+
+
+def read_adapter_metadata(path: PathLike) -> dict:
+    """The metadata of an adapter: an orbax checkpoint's adapter.json; for other formats a summary
+    (format, ranks, rank, targets, dtype, and for PEFT its adapter_config)."""
+    p = Path(path)
+    kind = _adapter_kind(p)
+    if kind == "adapter-ckpt":
+        return ckpt.read_json(p / ckpt.ADAPTER_META)
+    adapter = load_adapter(p, dtype=None)
+    ranks = _ranks(adapter)
+    leaves = jax.tree.leaves(adapter.weights)
+    out = {"format": "peft" if kind == "peft" else f"minimind-{kind}", "alpha": adapter.alpha,
+           "rslora": adapter.rslora, "targets": adapter.targets, "rank": _common_rank(ranks), "ranks": ranks,
+           "modules": len(ranks), "dtype": str(leaves[0].dtype), "num_params": adapter.num_params()}
+    name, hidden, moe = split_minimind_name(p.stem)
+    if name:
+        out.update(lora_name=name, hidden_size=hidden, moe=moe)
+    if kind == "peft":
+        d = p if p.is_dir() else p.parent
+        out["peft_config"] = ckpt.read_json(d / peft_io.CONFIG)
+    return out
+
+
+def load_base(path: PathLike) -> tuple[MiniMindConfig, Optional[dict]]:
+    """A base for checks: config.json -> (config, None); weights -> (config, params)."""
+    p = Path(path)
+    if p.suffix == ".json":
+        return MiniMindConfig.from_json(p), None
+    return load_model(p)
+
+
+def detect(path: PathLike) -> str:
+    """'adapter' or 'model' for an existing checkpoint path (files are told apart by their keys)."""
+    p = Path(path)
+    kind = _adapter_kind(p)
+    if kind in ("adapter-ckpt", "peft"):
+        return "adapter"
+    if kind == "params-ckpt":
+        return "model"
+    keys = _file_keys(p, kind)
+    lora = [k for k in keys if LORA_KEY_RE.match(strip_prefix(k)) or peft_io.KEY_RE.match(k) and "lora_" in k]
+    return "adapter" if lora and len(lora) * 2 >= len(keys) else "model"
+
+
+def _file_keys(p: Path, kind: str) -> list[str]:
+    if kind == "safetensors":
+        from safetensors import SafetensorError, safe_open
+        try:
+            with safe_open(str(p), framework="np") as f:
+                return list(f.keys())
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{p}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+    return list(read_pth(p))
