@@ -10,10 +10,12 @@ Only `weights` are pytree leaves; alpha / rslora / targets are static metadata, 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from . import targets as targets_lib
@@ -30,9 +32,15 @@ class Adapter:
     targets: str = struct.field(pytree_node=False, default="square")
 
     def scale(self, rank: int) -> float:
+        """s for a module of rank `rank`: 1 (alpha None, MiniMind), alpha/rank, or alpha/sqrt(rank) (rsLoRA)."""
         if self.alpha is None:
             return 1.0
         return self.alpha / (math.sqrt(rank) if self.rslora else rank)
+
+    @property
+    def stacked(self) -> bool:
+        """True for `lora.stack` output: A [N, I, R], B [N, R, O] (N adapters, one per batch row via adapter_ids)."""
+        return any(ab["A"].ndim == 3 for _, ab in self.modules())
 
     def modules(self) -> list[tuple[tuple[str, ...], dict]]:
         """[(module path, {"A", "B"})] in tree order."""
@@ -69,11 +77,14 @@ def _get(tree, path):
 
 
 def _rank_for(rank: Rank, name: str) -> int:
-    if isinstance(rank, int):
-        return rank
-    import re
+    """Rank for module `name`: an int, or {pattern: rank} where a pattern is a module-name suffix ("q_proj"),
+    a regex fully matched against the torch module name, or "*" (the default)."""
+    if isinstance(rank, (int, np.integer)):
+        return int(rank)
+    if not isinstance(rank, Mapping):
+        raise TypeError(f"rank must be an int or a {{pattern: rank}} mapping, got {type(rank).__name__}")
     for pat, r in rank.items():  # per-target rank: first pattern (suffix or regex) that matches wins
-        if name.rsplit(".", 1)[-1] == pat or re.fullmatch(pat, name):
+        if pat != "*" and (name.rsplit(".", 1)[-1] == pat or re.fullmatch(pat, name)):
             return int(r)
     if "*" in rank:
         return int(rank["*"])
@@ -105,17 +116,51 @@ def folded(adapter: Adapter) -> dict:
 
 
 def apply(model, params: Params, adapter: Optional[Adapter], *args, adapter_ids=None, **kwargs):
-    """Forward with the low-rank branch `x@W + s*(x@A)@B` (no d x d delta is formed; use for training).
+    """`model.apply` with the low-rank branch `x@W + s*(x@A)@B` at every adapted Linear.
 
-    With a stacked adapter (`lora.stack`), `adapter_ids` [B] picks each row's adapter (-1: none).
+    No [I, O] delta is formed, so `jax.grad` w.r.t. the adapter costs O((I+O)R) per token and the base params can
+    stay frozen constants: use this for training. `adapter=None` is the base model.
+
+    With a stacked adapter (`lora.stack`), `adapter_ids` [B] (ints) names each batch row's adapter, -1 for none;
+    each row then equals that adapter applied alone. Rows are gathered per module, so the batch costs one
+    batched matmul per adapted Linear regardless of how many distinct adapters it mixes.
     """
     variables = {"params": params}
     if adapter is not None:
+        stacked = adapter.stacked
+        if stacked and adapter_ids is None:
+            raise ValueError("a stacked adapter (lora.stack) needs adapter_ids: one adapter index (or -1) per row")
+        if adapter_ids is not None:
+            if not stacked:
+                raise ValueError("adapter_ids needs a stacked adapter: build one with lora.stack([a, b, ...])")
+            _check_ids(adapter, adapter_ids, args[0] if args else kwargs.get("input_ids"))
         lora = folded(adapter)
         if adapter_ids is not None:
             lora = _gather_rows(lora, adapter_ids)
         variables["lora"] = lora
     return model.apply(variables, *args, **kwargs)
+
+
+def _check_ids(adapter: Adapter, ids, input_ids) -> None:
+    n = adapter.modules()[0][1]["A"].shape[0]
+    routed = [targets_lib.module_name(p) for p, _ in adapter.modules()
+              if any(k.startswith(("experts_", "shared_experts_")) or k == "gate" for k in p)]
+    if routed:  # MoEFeedForward runs experts on the flattened [1, B*T, D] tokens: no batch-row axis to gather on
+        raise NotImplementedError(f"per-row adapters (adapter_ids) on MoE expert/router kernels are not supported: "
+                                  f"{routed[:3]}{'...' if len(routed) > 3 else ''}; merge the adapter or run one "
+                                  f"adapter per batch")
+    shape = np.shape(ids)
+    if len(shape) != 1:
+        raise ValueError(f"adapter_ids must be 1-D [batch], got shape {shape}")
+    if input_ids is not None and hasattr(input_ids, "shape") and input_ids.shape[0] != shape[0]:
+        raise ValueError(f"adapter_ids has {shape[0]} entries but the batch has {input_ids.shape[0]} rows")
+    if not isinstance(ids, jax.core.Tracer):
+        a = np.asarray(ids)
+        if not np.issubdtype(a.dtype, np.integer):
+            raise TypeError(f"adapter_ids must be integers, got {a.dtype}")
+        bad = a[(a < -1) | (a >= n)]
+        if bad.size:
+            raise ValueError(f"adapter_ids {bad.tolist()} out of range: the stack holds {n} adapters (use -1 for none)")
 
 
 def _gather_rows(lora: dict, ids):
@@ -129,6 +174,9 @@ def _gather_rows(lora: dict, ids):
 
 
 def _delta_apply(params: Params, adapter: Adapter, sign: float, weight: float) -> Params:
+    if adapter.stacked:
+        raise ValueError("cannot merge a stacked adapter (lora.stack) into one set of params; merge one of its "
+                         "sources, or combine them first with lora.combine")
     out = jax.tree.map(lambda x: x, params)  # new containers; arrays are shared, not copied
     out = _unfreeze(out)
     for path, ab in adapter.modules():
@@ -161,6 +209,8 @@ def unmerge(params: Params, adapter: Adapter, weight: float = 1.0) -> Params:
 
 def delta(adapter: Adapter) -> dict:
     """{module path: s*A@B [I, O]} in fp32, for inspection and tests."""
+    if adapter.stacked:
+        raise ValueError("delta of a stacked adapter is per row; take it of the source adapters")
     return {p: adapter.scale(ab["A"].shape[-1]) * jnp.matmul(ab["A"].astype(jnp.float32), ab["B"].astype(jnp.float32),
                                                           precision="highest")
             for p, ab in adapter.modules()}

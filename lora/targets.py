@@ -13,7 +13,15 @@ from __future__ import annotations
 import re
 from typing import Iterable, Sequence, Union
 
-from convert.keys import module_name
+
+def module_name(path: Iterable[str]) -> str:
+    """('model', 'layers_0', 'self_attn', 'q_proj') -> `model.layers.0.self_attn.q_proj` (convert.keys' table).
+
+    Imported on call: `convert` imports `lora` (adapter files), so a module-level import would be circular.
+    """
+    from convert.keys import module_name as _module_name
+    return _module_name(path)
+
 
 TargetSpec = Union[str, Sequence[str], None]
 _PRESETS = ("square", "all-linear", "attn", "mlp")
@@ -66,8 +74,11 @@ def select(params, spec: TargetSpec = None) -> list[tuple[str, ...]]:
         hits = [p for p, shape in kernels if _matches(item, module_name(p), shape)]
         if not hits:
             names = sorted({module_name(p).rsplit(".", 1)[-1] for p, _ in kernels})
+            example = next((module_name(p) for p, _ in kernels if "layers" in module_name(p)),
+                           module_name(kernels[0][0]) if kernels else "?")
             raise ValueError(f"LoRA target {item!r} matches no kernel; module names are {names} "
-                             f"(presets: {', '.join(_PRESETS)}; or a regex over e.g. {module_name(kernels[0][0])!r})")
+                             f"(presets: {', '.join(_PRESETS)}; or a regex fully matching a full name such as "
+                             f"{example!r})")
         chosen += [p for p in hits if p not in chosen]
     order = {p: i for i, (p, _) in enumerate(kernels)}
     return sorted(chosen, key=order.__getitem__)
