@@ -143,12 +143,6 @@ def apply(model, params: Params, adapter: Optional[Adapter], *args, adapter_ids=
 
 def _check_ids(adapter: Adapter, ids, input_ids) -> None:
     n = adapter.modules()[0][1]["A"].shape[0]
-    routed = [targets_lib.module_name(p) for p, _ in adapter.modules()
-              if any(k.startswith(("experts_", "shared_experts_")) or k == "gate" for k in p)]
-    if routed:  # MoEFeedForward runs experts on the flattened [1, B*T, D] tokens: no batch-row axis to gather on
-        raise NotImplementedError(f"per-row adapters (adapter_ids) on MoE expert/router kernels are not supported: "
-                                  f"{routed[:3]}{'...' if len(routed) > 3 else ''}; merge the adapter or run one "
-                                  f"adapter per batch")
     shape = np.shape(ids)
     if len(shape) != 1:
         raise ValueError(f"adapter_ids must be 1-D [batch], got shape {shape}")

@@ -57,6 +57,7 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x):  # [..., D]
         w = self.param("weight", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        w = w.reshape((1,) * (x.ndim - 1) + w.shape)
         xf = x.astype(jnp.float32)
         normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         if self.cast_before_weight:
@@ -91,7 +92,7 @@ def rope_inv_freq(config: MiniMindConfig) -> tuple[np.ndarray, float]:
 
 def rope_cos_sin(config: MiniMindConfig, positions):  # [B, T] int -> 2 x [B, T, H]
     inv_freq, attn_factor = rope_inv_freq(config)
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, H/2]
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]  # [B, T, H/2]
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles) * attn_factor, jnp.sin(angles) * attn_factor
 

@@ -31,28 +31,28 @@ class MoEFeedForward(nn.Module):
         b, t, d = x.shape
         e, top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
         v3 = cfg.family == "minimind3"
-        flat = x.reshape(b * t, d)  # [N, D]
-        logits = Linear(e, jnp.float32, name="gate")(flat.astype(jnp.float32))
+        logits = Linear(e, jnp.float32, name="gate")(x.astype(jnp.float32)).reshape(b * t, e)
         scores = jax.nn.softmax(logits, axis=-1)  # [N, E]
         top_w, top_i = jax.lax.top_k(scores, top_k)  # [N, k]
         if cfg.norm_topk_prob and (v3 or top_k > 1):
             top_w = top_w / (jnp.sum(top_w, axis=-1, keepdims=True) + 1e-20)
         onehot = jax.nn.one_hot(top_i, e, dtype=jnp.float32)  # [N, k, E]
-        combine = jnp.einsum("nk,nke->ne", top_w, onehot)  # [N, E]
+        combine = jnp.einsum("nk,nke->ne", top_w, onehot).reshape(b, t, e)  # [B, T, E]
 
+        # experts see x as [B, T, D] so per-row LoRA adapters (multi-adapter batches) apply to them too
         inter = cfg.moe_intermediate_size if v3 else cfg.intermediate_size
-        outs = jnp.stack([MLP(cfg, inter, self.dtype, name=f"experts_{i}")(flat[None], deterministic)[0]
-                          for i in range(e)], axis=1)  # [N, E, D]
-        y = jnp.einsum("ne,ned->nd", combine.astype(outs.dtype), outs)
+        outs = jnp.stack([MLP(cfg, inter, self.dtype, name=f"experts_{i}")(x, deterministic)
+                          for i in range(e)], axis=2)  # [B, T, E, D]
+        y = jnp.einsum("bte,bted->btd", combine.astype(outs.dtype), outs)
         if not v3:
             for i in range(cfg.n_shared_experts):
-                y = y + MLP(cfg, None, self.dtype, name=f"shared_experts_{i}")(flat[None], deterministic)[0]
+                y = y + MLP(cfg, None, self.dtype, name=f"shared_experts_{i}")(x, deterministic)
 
         aux = jnp.zeros((), jnp.float32)
         if not deterministic and cfg.aux_loss_alpha > 0:
             if v3:
                 load = onehot.mean(0)  # [k, E]
-                aux = jnp.sum(load * scores.mean(0)) * e * cfg.aux_loss_alpha
+                aux = jnp.sum(load * scores.mean(0)[None]) * e * cfg.aux_loss_alpha
             elif cfg.seq_aux:
                 counts = onehot.reshape(b, t * top_k, e).sum(1)  # [B, E]
                 f = counts / (t * top_k / e)
@@ -61,4 +61,4 @@ class MoEFeedForward(nn.Module):
             else:
                 f = onehot.reshape(-1, e).mean(0) * e
                 aux = jnp.sum(scores.mean(0) * f) * cfg.aux_loss_alpha
-        return y.reshape(b, t, d).astype(x.dtype), aux
+        return y.astype(x.dtype), aux

@@ -338,11 +338,15 @@ def test_stack_rows_equal_each_adapter_alone():
         lora.merge(params, st)
 
 
-def test_stack_on_moe_experts_is_a_clear_error():
+def test_stack_on_moe_experts_rows_equal_each_adapter_alone():
+    """Experts and the router see [B, T, D], so per-row adapters reach expert and router kernels too."""
     model, params = setup("moe")
-    a = lora.init(params, jax.random.key(0), rank=2, targets="all-linear")
-    with pytest.raises(NotImplementedError, match="MoE expert"):
-        lora.apply(model, params, lora.stack([a, a]), IDS, adapter_ids=[0, 1, -1])
+    a = randomize_b(lora.init(params, jax.random.key(0), rank=2, targets="all-linear"), 1)
+    b = randomize_b(lora.init(params, jax.random.key(2), rank=1, targets=r".*\.mlp\.gate"), 3)
+    got = lora.apply(model, params, lora.stack([a, b]), IDS, adapter_ids=[0, 1, -1]).logits
+    want = [lora.apply(model, params, a, IDS).logits[0], lora.apply(model, params, b, IDS).logits[1],
+            model.apply({"params": params}, IDS).logits[2]]
+    chex.assert_trees_all_close(got, jnp.stack(want), atol=1e-5, rtol=1e-5)
 
 
 # --------------------------------------------------------------------------------------- training masks

@@ -1,0 +1,194 @@
+"""Chat with a MiniMind model and any merged mix of LoRA adapters (MiniMind's eval_llm.py, in JAX).
+
+    python -m minimind_jax.chat --weight out/full_sft_512.pth                       # auto-test prompts (mode 0)
+    python -m minimind_jax.chat --weight full_sft_512.pth --lora lora_identity_512.pth --mode 1   # interactive
+    python -m minimind_jax.chat --weight base.safetensors --lora a.ckpt --lora b_peft/ --lora_weights 0.7,0.3
+    python -m minimind_jax.chat --prompt "hello" --greedy --max_new_tokens 32      # no --weight: random init
+
+--weight: MiniMind .pth, .safetensors or an orbax params checkpoint dir (config.json beside it, or --config,
+or inferred from the shapes). Without --weight a randomly initialised model (--family/--hidden_size/
+--num_hidden_layers, default MiniMind2-small) is used: gibberish, for smoke tests only.
+--lora: adapter .ckpt / MiniMind .pth / PEFT dir (repeatable); all are merged into the weights once at load,
+each scaled by its --lora_weights entry (default 1 each), so decoding costs the same as the base model.
+Tokens are printed as they are generated. --mode 0 runs the built-in prompts (or --prompt ...) and needs no
+stdin; --mode 1 reads prompts from stdin until an empty line or EOF.
+Sampling follows MiniMind's generate (temperature, top_k 50, top_p, repetition_penalty); --greedy or
+--temperature 0 picks the argmax.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import MiniMindConfig
+from .generate import generate_stream
+from .model import MiniMindForCausalLM
+
+PROMPTS = [  # eval_llm.py's auto-test prompts
+    "你有什么特长？",
+    "为什么天空是蓝色的",
+    "请用Python写一个计算斐波那契数列的函数",
+    '解释一下"光合作用"的基本过程',
+    "如果明天下雨，我应该如何出门",
+    "比较一下猫和狗作为宠物的优缺点",
+    "解释什么是机器学习",
+    "推荐一些中国的美食",
+]
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--weight", default=None, help="model weights: .pth / .safetensors / params .ckpt dir "
+                                                   "(default: random init, smoke tests only)")
+    ap.add_argument("--config", default=None, help="config.json for --weight (default: beside it, or inferred)")
+    ap.add_argument("--lora", action="append", default=[], help="adapter .ckpt / .pth / PEFT dir (repeatable)")
+    ap.add_argument("--lora_weights", default=None, help="comma-separated weight per --lora (default 1 each)")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the bundled data/tokenizer)")
+    ap.add_argument("--mode", type=int, default=0, choices=[0, 1], help="0: auto-test prompts, 1: read stdin")
+    ap.add_argument("--prompt", action="append", default=None, help="prompt(s) for mode 0 instead of the built-in")
+    ap.add_argument("--max_new_tokens", type=int, default=8192)
+    ap.add_argument("--temperature", type=float, default=0.85, help="0 = greedy")
+    ap.add_argument("--top_p", type=float, default=0.95)
+    ap.add_argument("--top_k", type=int, default=50, help="0 = off")
+    ap.add_argument("--repetition_penalty", type=float, default=1.0)
+    ap.add_argument("--greedy", action="store_true", help="argmax decoding")
+    ap.add_argument("--historys", type=int, default=0, help="keep the last N messages as history (0: none)")
+    ap.add_argument("--open_thinking", type=int, default=0, help="chat template's thinking switch (MiniMind-3)")
+    ap.add_argument("--raw", action="store_true", help="no chat template: bos + prompt (pretrain models; "
+                                                       "automatic when the weight's name contains 'pretrain')")
+    ap.add_argument("--show_speed", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=None, help="seed (default: a random one per prompt, as MiniMind)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    ap.add_argument("--family", default="minimind2", choices=["minimind2", "minimind3"], help="random-init model")
+    ap.add_argument("--hidden_size", type=int, default=512, help="random-init model")
+    ap.add_argument("--num_hidden_layers", type=int, default=8, help="random-init model")
+    ap.add_argument("--use_moe", type=int, default=0, choices=[0, 1], help="random-init model")
+    ap.add_argument("--inference_rope_scaling", action="store_true", help="YaRN (4x) on the loaded model")
+    return ap.parse_args(argv)
+
+
+def load(args):
+    """-> (config, params) with every --lora merged in."""
+    if args.weight is None:
+        config = MiniMindConfig(family=args.family, hidden_size=args.hidden_size,
+                                num_hidden_layers=args.num_hidden_layers, use_moe=bool(args.use_moe),
+                                inference_rope_scaling=args.inference_rope_scaling)
+        print(f"[chat] no --weight: RANDOM-INIT {config.family} {config.hidden_size}x{config.num_hidden_layers} "
+              "(output is gibberish; for smoke tests only)", file=sys.stderr)
+        params = jax.jit(lambda k: MiniMindForCausalLM(config).init(k, jnp.zeros((1, 4), jnp.int32))["params"])(
+            jax.random.key(0))
+    else:
+        import convert
+
+        config, params = convert.load_model(args.weight, args.config)
+        if args.inference_rope_scaling:
+            config = config.replace(inference_rope_scaling=True, rope_scaling=None)
+        print(f"[chat] {args.weight}: {config.family} {config.hidden_size}x{config.num_hidden_layers}", file=sys.stderr)
+    if args.lora:
+        import convert
+        import lora
+
+        weights = [1.0] * len(args.lora)
+        if args.lora_weights:
+            try:
+                weights = [float(w) for w in args.lora_weights.split(",")]
+            except ValueError as e:
+                raise SystemExit(f"--lora_weights: expected comma-separated numbers, got {args.lora_weights!r}")
+            if len(weights) != len(args.lora):
+                raise SystemExit(f"--lora_weights has {len(weights)} values for {len(args.lora)} --lora adapters")
+        for path, w in zip(args.lora, weights):
+            adapter = convert.load_adapter(path, params=params, config=config)
+            params = lora.merge(params, adapter, w)
+            print(f"[chat] merged {path} (weight {w}, {len(adapter.modules())} modules)", file=sys.stderr)
+    return config, params
+
+
+class StreamPrinter:
+    """Prints decoded text as tokens arrive, holding back incomplete UTF-8 (a byte-level BPE splits characters)."""
+
+    def __init__(self, tokenizer, out=sys.stdout):
+        self.tok, self.out, self.ids, self.printed = tokenizer, out, [], 0
+
+    def put(self, ids):
+        self.ids.extend(int(i) for i in ids)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # wait for the rest of the character
+            return
+        self.out.write(text[self.printed:])
+        self.out.flush()
+        self.printed = len(text)
+
+    def end(self) -> str:
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        self.out.write(text[self.printed:])
+        self.out.flush()
+        return text
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from train.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    config, params = load(args)
+    if tokenizer.vocab_size > config.vocab_size:
+        print(f"[chat] warning: tokenizer has {tokenizer.vocab_size} tokens, the model {config.vocab_size}",
+              file=sys.stderr)
+    greedy = args.greedy or args.temperature == 0
+    raw = args.raw or (args.weight is not None and "pretrain" in Path(args.weight).name)
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config.eos_token_id
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+
+    if args.mode == 0:
+        prompts = iter(args.prompt or PROMPTS)
+    else:
+        def read():
+            while True:
+                try:
+                    line = input("💬: ")
+                except EOFError:
+                    return
+                if not line:
+                    return
+                yield line
+        prompts = read()
+
+    conversation = []
+    for n, prompt in enumerate(prompts):
+        seed = args.seed + n if args.seed is not None else random.randint(0, 31415926)
+        if args.mode == 0:
+            print(f"💬: {prompt}")
+        conversation = conversation[-args.historys:] if args.historys else []
+        conversation.append({"role": "user", "content": prompt})
+        if raw:
+            ids = [tokenizer.bos_token_id] + tokenizer.encode(prompt)
+        else:
+            ids = tokenizer.encode(tokenizer.apply_chat_template(conversation, add_generation_prompt=True,
+                                                                 open_thinking=bool(args.open_thinking)))
+        print("🧠: ", end="", flush=True)
+        printer = StreamPrinter(tokenizer)
+        start, count = time.perf_counter(), 0
+        for new in generate_stream(params, config, np.asarray([ids], np.int32), max_new_tokens=args.max_new_tokens,
+                                   do_sample=not greedy, temperature=args.temperature if not greedy else 1.0,
+                                   top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
+                                   eos_token_id=eos, seed=seed, dtype=dtype):
+            count += new.shape[1]
+            printer.put(new[0])
+        response = printer.end()
+        conversation.append({"role": "assistant", "content": response})
+        if args.show_speed:
+            print(f"\n[Speed]: {count / (time.perf_counter() - start):.2f} tokens/s ({count} tokens, "
+                  "first call of a shape includes compilation)\n\n")
+        else:
+            print("\n\n")
+
+
+if __name__ == "__main__":
+    main()

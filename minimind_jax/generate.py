@@ -1,0 +1,408 @@
+"""Batched text generation: MiniMind's `generate` with a preallocated KV cache and one compiled decode loop.
+
+    ids = generate(params, config, input_ids, max_new_tokens=64)                      # sample, MiniMind's defaults
+    ids = generate(params, config, input_ids, max_new_tokens=64, do_sample=False)     # greedy
+    ids = generate(params, config, ids2, attention_mask=m2, max_new_tokens=64,        # 2 adapters, one batch
+                   adapters=[a, b], adapter_ids=[0, 1])
+
+What it computes is MiniMind's `MiniMindForCausalLM.generate` (model_minimind.py), step for step:
+
+* each step: logits of the last token / temperature -> repetition penalty over every token id present in the
+  row so far (prompt, its pads included, + generated: `score > 0 ? score / p : score * p`) -> top-k (keep
+  logits >= the k-th largest) -> top-p (sort descending, cumsum of softmax > top_p is removed, shifted by one so
+  the most likely token always stays) -> sample from the softmax (or argmax when do_sample=False);
+* a row that produced `eos_token_id` gets `eos_token_id` from then on; the loop stops when every row has
+  finished, so the result is `[B, T + steps]` exactly as MiniMind returns it;
+* positions are the column index in `input_ids`, pads included: MiniMind does NOT shift positions for left
+  padding. A left-padded row therefore sees its tokens at positions shifted by its pad count; RoPE only depends
+  on position differences, so the logits equal the unpadded row's up to float rounding (not bit-for-bit).
+
+How it runs: the prompt goes through one prefill call, then a `jax.lax.while_loop` inside one jitted function
+generates the remaining tokens with no host round trip per token. Shapes are bucketed (`bucket=True`): the
+prompt is padded on the RIGHT to a bucket length and the cache to bucket(T) + bucket(max_new_tokens) slots, so
+new prompt lengths reuse compiled code. Right padding keeps MiniMind's positions exactly (slot i holds column
+i); the padded slots are never attended (causal mask) and are overwritten by generated tokens. The true prompt
+length and max_new_tokens are runtime values, and temperature / top_p / repetition_penalty / eos are runtime
+values too: changing them does not recompile. `do_sample`, `top_k`, whether top_p < 1, the batch size and the
+buckets are compile-time.
+
+Adapters: one `lora.Adapter` is merged into the params once per call (no per-token cost); a list of adapters
+with `adapter_ids` [B] (-1 = base model) keeps one shared base and gives each row its own low-rank branch,
+gathered once per call and applied inside the same compiled loop.
+
+Sampling speed: a full sort of the 6400-entry vocabulary costs milliseconds per row on CPU, more than the
+model step, so top-k / top-p work on the `lax.top_k` candidates (the nucleus is exact whenever it fits in the
+candidates, checked every step, with a full-sort fallback otherwise) and sampling is an inverse-CDF draw in
+sorted order with one uniform per row: the fast path and the fallback pick the same token for the same draw.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Iterator, NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import MiniMindConfig
+from .model import MiniMindForCausalLM, init_cache
+
+MAX_CANDIDATES = 128  # top_k above this (or top_k=0 with top_p<1) first tries this many candidates
+NEG_INF = -jnp.inf
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MiniMind's logit processing (exact definitions; also the reference the fast path is tested against)
+# ---------------------------------------------------------------------------------------------------------------
+def apply_penalty(logits, seen, temperature, repetition_penalty):
+    """logits [B, V] / temperature, then MiniMind's repetition penalty on the ids marked in `seen` [B, V]."""
+    x = logits.astype(jnp.float32) / temperature
+    p = jnp.asarray(repetition_penalty, jnp.float32)
+    return jnp.where(seen, jnp.where(x > 0, x / p, x * p), x)
+
+
+def _kth_largest(x, k: int):
+    """[B, V] -> [B, 1]. min over lax.top_k's values, not `[..., -1]`: XLA folds that slice into the sort that top_k
+    lowers to, which then no longer matches its fast TopK kernel and becomes a full sort (~2 ms/row on CPU)."""
+    return jnp.min(jax.lax.top_k(x, k)[0], axis=-1, keepdims=True)
+
+
+def filter_logits(x, top_k: int, top_p):
+    """MiniMind's top-k then top-p on [B, V] logits (already temperature-scaled and penalised): removed -> -inf.
+
+    The exact definition with a full (stable, descending) sort; `top_p >= 1` and `top_k <= 0` switch a filter off.
+    """
+    v = x.shape[-1]
+    if 0 < top_k:
+        x = jnp.where(x < _kth_largest(x, min(top_k, v)), NEG_INF, x)
+    order = jnp.argsort(-x, axis=-1, stable=True)
+    sorted_x = jnp.take_along_axis(x, order, axis=-1)
+    cum = jnp.cumsum(jax.nn.softmax(sorted_x, axis=-1), axis=-1)
+    remove_sorted = jnp.concatenate([jnp.zeros_like(cum[..., :1], bool), cum[..., :-1] > top_p], axis=-1)
+    remove_sorted &= jnp.asarray(top_p) < 1.0
+    remove = jnp.zeros_like(remove_sorted).at[jnp.arange(x.shape[0])[:, None], order].set(remove_sorted)
+    return jnp.where(remove, NEG_INF, x)
+
+
+def _inverse_cdf(logits_sorted, u):
+    """Index j with cum[j-1] < u * total <= cum[j] over the softmax of [B, C] logits; u [B] in [0, 1)."""
+    p = jnp.exp(logits_sorted - jnp.max(logits_sorted, axis=-1, keepdims=True))
+    cum = jnp.cumsum(p, axis=-1)
+    j = jnp.sum(cum < (u * cum[..., -1])[:, None], axis=-1)
+    # never land on a removed (p == 0) entry: clamp to the last kept one
+    last_kept = jnp.sum(p > 0, axis=-1) - 1
+    return jnp.minimum(j, last_kept)
+
+
+class Knobs(NamedTuple):  # runtime sampling values (traced: changing them does not recompile)
+    temperature: jax.Array
+    top_p: jax.Array
+    repetition_penalty: jax.Array
+    eos: jax.Array
+
+
+class Static(NamedTuple):  # compile-time choices
+    do_sample: bool
+    top_k: int  # 0 = off
+    use_top_p: bool
+    has_eos: bool
+
+
+def select_tokens(logits, seen, key, knobs: Knobs, static: Static):
+    """The next token per row [B] from last-position logits [B, V], MiniMind's rules (see module doc)."""
+    b, v = logits.shape
+    t = knobs.temperature if static.do_sample else jnp.where(knobs.temperature > 0, knobs.temperature, 1.0)
+    x = apply_penalty(logits, seen, t, knobs.repetition_penalty)
+    if not static.do_sample:  # top-k / top-p never remove the argmax
+        return jnp.argmax(x, axis=-1).astype(jnp.int32)
+    u = jax.random.uniform(key, (b,), jnp.float32)
+    top_k = min(static.top_k, v) if static.top_k > 0 else 0
+    if top_k == v:
+        top_k = 0  # keeps everything
+    if top_k == 0 and not static.use_top_p:  # plain softmax sampling over the vocabulary
+        return _inverse_cdf(x, u).astype(jnp.int32)
+
+    def full(_):  # the exact definition: full sort
+        y = filter_logits(x, top_k, knobs.top_p if static.use_top_p else 1.0)
+        order = jnp.argsort(-y, axis=-1, stable=True)
+        j = _inverse_cdf(jnp.take_along_axis(y, order, axis=-1), u)
+        return jnp.take_along_axis(order, j[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+    if top_k > MAX_CANDIDATES and not static.use_top_p:
+        return full(None)
+    # candidates: the c largest logits, descending (lax.top_k orders ties by index, as a stable sort does)
+    c = top_k if 0 < top_k <= MAX_CANDIDATES else min(MAX_CANDIDATES, v)
+    vals, idx = jax.lax.top_k(x, c)
+    if c == top_k:  # the top-k set is the candidates, unless the k-th value is tied outside them
+        exact = jnp.sum(x >= jnp.min(vals, axis=-1, keepdims=True), axis=-1) == c
+        lse = jax.nn.logsumexp(vals, axis=-1, keepdims=True)
+    else:  # the nucleus must end inside the candidates (checked below)
+        exact = None
+        y = x if top_k == 0 else jnp.where(x < _kth_largest(x, top_k), NEG_INF, x)
+        lse = jax.nn.logsumexp(y, axis=-1, keepdims=True)
+    keep = jnp.ones_like(vals, bool)
+    if static.use_top_p:
+        cum = jnp.cumsum(jnp.exp(vals - lse), axis=-1)  # = cumsum(softmax(sorted)) over the first c entries
+        keep = jnp.concatenate([keep[:, :1], cum[:, :-1] <= knobs.top_p], axis=-1)
+        if exact is None:  # every token past the candidates is removed iff cum[c-1] > top_p
+            exact = (cum[:, -1] > knobs.top_p) | (c == v)
+
+    def fast(_):
+        j = _inverse_cdf(jnp.where(keep, vals, NEG_INF), u)
+        return jnp.take_along_axis(idx, j[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+    return jax.lax.cond(jnp.all(exact), fast, full, None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# adapters
+# ---------------------------------------------------------------------------------------------------------------
+def _is_adapter(x) -> bool:
+    return hasattr(x, "weights") and hasattr(x, "modules") and hasattr(x, "scale")
+
+
+def _gather_rows(stacked: dict, ids: jax.Array) -> dict:
+    def pick(x):  # [N, ...] -> [B, ...]; id -1 -> zeros (the base model)
+        x0 = jnp.concatenate([x, jnp.zeros_like(x[:1])], axis=0)
+        return x0[jnp.where(ids < 0, x.shape[0], ids)]
+    return jax.tree.map(pick, stacked)
+
+
+def resolve_adapters(params, adapters, adapter_ids, batch: int):
+    """-> (params, "lora" collection or None).
+
+    One adapter (no adapter_ids): merged into params. A list of adapters, or a `lora.stack` result, with
+    adapter_ids [B] (-1 = base): stacked with `lora.stack` (scales folded, ranks zero-padded) and gathered per row
+    once, so each decode step adds row b's own low-rank branch over the shared base.
+    """
+    import lora
+
+    if adapters is None:
+        if adapter_ids is not None:
+            raise ValueError("adapter_ids given without adapters")
+        return params, None
+    single = _is_adapter(adapters)
+    if single and adapter_ids is None:
+        if adapters.stacked:
+            raise ValueError("a stacked adapter (A [N, I, R], from lora.stack) needs adapter_ids [B]")
+        return lora.merge(params, adapters), None
+    if not single and (not isinstance(adapters, (list, tuple)) or not adapters
+                       or not all(_is_adapter(a) for a in adapters)):
+        raise TypeError(f"adapters must be a lora.Adapter or a non-empty list of them, got {adapters!r:.80}")
+    if adapter_ids is None:
+        raise ValueError(f"{len(adapters)} adapters need adapter_ids [B] (each row's adapter index, -1 = none); "
+                         "to mix them into one model use lora.merge / lora.combine with weights instead")
+    stacked = adapters if single and adapters.stacked else lora.stack([adapters] if single else list(adapters))
+    mods = stacked.modules()
+    n = mods[0][1]["A"].shape[0] if mods else 0
+    ids = np.asarray(adapter_ids)
+    if ids.shape != (batch,) or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"adapter_ids must be {batch} integers (one per row), got shape {ids.shape} {ids.dtype}")
+    if ids.min() < -1 or ids.max() >= n:
+        raise ValueError(f"adapter_ids must be in [-1, {n - 1}] for {n} adapters, got {ids.tolist()}")
+    return params, _gather_rows(lora.folded(stacked), jnp.asarray(ids, jnp.int32))
+
+# ---------------------------------------------------------------------------------------------------------------
+# prefill / decode
+# ---------------------------------------------------------------------------------------------------------------
+def bucket_length(n: int, minimum: int = 16) -> int:
+    """Smallest of minimum, 2^k and 3*2^(k-1) >= n (at most 1.5x; a handful of shapes over all lengths)."""
+    if n <= minimum:
+        return minimum
+    p = 1 << (n - 1).bit_length()
+    return 3 * p // 4 if 3 * p // 4 >= n else p
+
+
+def _variables(params, lora_vars):
+    return {"params": params} if lora_vars is None else {"params": params, "lora": lora_vars}
+
+
+@partial(jax.jit, static_argnames=("config", "dtype", "static", "cache_len"))
+def _prefill(params, lora_vars, prompt, prompt_mask, length, key, knobs, *, config, dtype, static, cache_len):
+    """prompt [B, Tb] (real tokens in [:, :length], right-padded), prompt_mask [B, Tb] -> decode state.
+
+    Samples the first new token (step 0), as MiniMind's first loop iteration does.
+    """
+    b, tb = prompt.shape
+    model = MiniMindForCausalLM(config, dtype)
+    mask = jnp.concatenate([prompt_mask.astype(jnp.float32), jnp.ones((b, cache_len - tb), jnp.float32)], axis=1)
+    cache = init_cache(config, b, cache_len, dtype)
+    out = model.apply(_variables(params, lora_vars), prompt, attention_mask=mask, cache=cache, logits_to_keep=1)
+    h = jax.lax.dynamic_slice_in_dim(out.hidden_states, length - 1, 1, axis=1)  # [B, 1, D] at the last real token
+    logits = model.apply(_variables(params, lora_vars), h, method=MiniMindForCausalLM.logits)[:, 0]
+    col = jnp.arange(tb)
+    seen = jnp.zeros((b, config.vocab_size), bool).at[
+        jnp.arange(b)[:, None], jnp.where(col < length, prompt, config.vocab_size)].set(True, mode="drop")
+    ids = jnp.zeros((b, cache_len), jnp.int32).at[:, :tb].set(jnp.where(col < length, prompt, 0))
+    state = {"ids": ids, "cache": out.cache, "mask": mask, "seen": seen, "finished": jnp.zeros((b,), bool),
+             "pos": jnp.asarray(length, jnp.int32), "step": jnp.zeros((), jnp.int32), "key": key}
+    return _emit(state, logits, knobs, static)
+
+
+def _emit(state, logits, knobs: Knobs, static: Static):
+    """Choose the next token from `logits`, write it at `pos`, update finished / seen / counters."""
+    tok = select_tokens(logits, state["seen"], jax.random.fold_in(state["key"], state["step"]), knobs, static)
+    finished = state["finished"]
+    if static.has_eos:
+        tok = jnp.where(finished, knobs.eos, tok)
+        finished = finished | (tok == knobs.eos)
+    b = tok.shape[0]
+    return {**state, "ids": jax.lax.dynamic_update_slice(state["ids"], tok[:, None], (0, state["pos"])),
+            "seen": state["seen"].at[jnp.arange(b), tok].set(True), "finished": finished,
+            "pos": state["pos"] + 1, "step": state["step"] + 1}
+
+
+@partial(jax.jit, static_argnames=("config", "dtype", "static"), donate_argnames=("state",))
+def _decode(params, lora_vars, state, limit, knobs, *, config, dtype, static):
+    """Run decode steps while step < limit (and not every row finished): one while_loop, no host sync."""
+    model = MiniMindForCausalLM(config, dtype)
+    variables = _variables(params, lora_vars)
+
+    def cond(s):
+        go = s["step"] < limit
+        return go & ~jnp.all(s["finished"]) if static.has_eos else go
+
+    def body(s):
+        last = jax.lax.dynamic_slice_in_dim(s["ids"], s["pos"] - 1, 1, axis=1)  # [B, 1]
+        cache = {**s["cache"], "index": s["pos"] - 1}
+        out = model.apply(variables, last, attention_mask=s["mask"], cache=cache)
+        return _emit({**s, "cache": out.cache}, out.logits[:, -1], knobs, static)
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+@jax.jit
+def _grow(state, extra_ids, extra_kv):
+    """Append slots to a decode state's cache (new slots: mask 1, zeros)."""
+    pad = lambda x, e: jnp.concatenate([x, e.astype(x.dtype)], axis=1)
+    layers = [{"k": pad(l["k"], extra_kv), "v": pad(l["v"], extra_kv)} for l in state["cache"]["layers"]]
+    return {**state, "ids": pad(state["ids"], extra_ids), "mask": pad(state["mask"], jnp.ones_like(extra_ids)),
+            "cache": {**state["cache"], "layers": layers}}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------------------------------------------
+class _Prepared(NamedTuple):
+    params: dict
+    lora_vars: Optional[dict]
+    prompt: jax.Array
+    prompt_mask: jax.Array
+    length: int
+    knobs: Knobs
+    static: Static
+    out_dtype: np.dtype
+
+
+def _prepare(params, config, input_ids, attention_mask, *, do_sample, temperature, top_p, top_k,
+             repetition_penalty, eos_token_id, adapters, adapter_ids, bucket) -> _Prepared:
+    if not isinstance(config, MiniMindConfig):
+        raise TypeError(f"config must be a MiniMindConfig, got {type(config).__name__}")
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be a non-empty [B, T] integer array, got shape {ids.shape} {ids.dtype}")
+    if ids.min() < 0 or ids.max() >= config.vocab_size:
+        raise ValueError(f"input_ids must be in [0, vocab_size={config.vocab_size}), got min {ids.min()} "
+                         f"max {ids.max()}")
+    b, t = ids.shape
+    if attention_mask is None:
+        mask = np.ones((b, t), np.float32)
+    else:
+        mask = np.asarray(attention_mask)
+        if mask.shape != (b, t):
+            raise ValueError(f"attention_mask must have the shape of input_ids {(b, t)}, got {mask.shape}")
+        if not np.isin(mask, (0, 1)).all():
+            raise ValueError("attention_mask must hold only 0 and 1")
+        mask = mask.astype(np.float32)
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature} (use do_sample=False for greedy)")
+    if not (repetition_penalty > 0):
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    if do_sample and not top_p > 0:
+        raise ValueError(f"top_p must be > 0 (>= 1 switches it off), got {top_p}")
+    if int(top_k) < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if eos_token_id is not None and not 0 <= int(eos_token_id) < config.vocab_size:
+        raise ValueError(f"eos_token_id {eos_token_id} is outside the vocabulary [0, {config.vocab_size})")
+    params, lora_vars = resolve_adapters(params, adapters, adapter_ids, b)
+    tb = bucket_length(t) if bucket else t
+    prompt = np.zeros((b, tb), np.int32)
+    prompt[:, :t] = ids
+    prompt_mask = np.ones((b, tb), np.float32)
+    prompt_mask[:, :t] = mask
+    knobs = Knobs(jnp.float32(temperature), jnp.float32(top_p), jnp.float32(repetition_penalty),
+                  jnp.int32(eos_token_id if eos_token_id is not None else -1))
+    static = Static(bool(do_sample), int(top_k), bool(do_sample and top_p < 1.0), eos_token_id is not None)
+    return _Prepared(params, lora_vars, jnp.asarray(prompt), jnp.asarray(prompt_mask), t, knobs, static, ids.dtype)
+
+
+def generate(params, config: MiniMindConfig, input_ids, *, max_new_tokens: int, do_sample: bool = True,
+             temperature: float = 0.85, top_p: float = 0.85, top_k: int = 50, repetition_penalty: float = 1.0,
+             eos_token_id: Optional[int] = 2, attention_mask=None, seed: Union[int, jax.Array] = 0,
+             adapters=None, adapter_ids=None, dtype=jnp.float32, bucket: bool = True) -> np.ndarray:
+    """MiniMind's `generate`: `input_ids` [B, T] -> [B, T + steps] ids (numpy, input dtype); see the module doc.
+
+    attention_mask [B, T] of 1/0 for left-padded batches; seed: int or a jax PRNG key (same seed, same output);
+    adapters: a lora.Adapter (merged) or a list of them with adapter_ids [B] (-1 = base); dtype: compute dtype;
+    bucket: pad shapes to buckets so new lengths reuse compiled code (False: exact shapes, one compile each).
+    """
+    max_new_tokens = int(max_new_tokens)
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    prep = _prepare(params, config, input_ids, attention_mask, do_sample=do_sample, temperature=temperature,
+                    top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
+                    adapters=adapters, adapter_ids=adapter_ids, bucket=bucket)
+    if max_new_tokens == 0:
+        return np.array(input_ids)
+    tb = prep.prompt.shape[1]
+    cache_len = tb + (bucket_length(max_new_tokens) if bucket else max_new_tokens)
+    key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
+    kw = dict(config=config, dtype=dtype, static=prep.static)
+    state = _prefill(prep.params, prep.lora_vars, prep.prompt, prep.prompt_mask, prep.length, key, prep.knobs,
+                     cache_len=cache_len, **kw)
+    state = _decode(prep.params, prep.lora_vars, state, jnp.int32(max_new_tokens), prep.knobs, **kw)
+    pos = int(state["pos"])
+    return np.asarray(state["ids"][:, :pos]).astype(prep.out_dtype)
+
+
+def generate_stream(params, config: MiniMindConfig, input_ids, *, max_new_tokens: int, chunk: int = 1,
+                    do_sample: bool = True, temperature: float = 0.85, top_p: float = 0.85, top_k: int = 50,
+                    repetition_penalty: float = 1.0, eos_token_id: Optional[int] = 2, attention_mask=None,
+                    seed: Union[int, jax.Array] = 0, adapters=None, adapter_ids=None, dtype=jnp.float32,
+                    initial_new: int = 256) -> Iterator[np.ndarray]:
+    """Yield the new tokens [B, n] as they come (n <= chunk), then stop like `generate`.
+
+    Same tokens as `generate` with the same arguments (same per-step random draws). The cache starts at
+    bucket(T) + bucket(min(max_new_tokens, initial_new)) slots and doubles when full, so a large max_new_tokens
+    (MiniMind's chat default is 8192) does not make every step attend over thousands of empty slots.
+    """
+    max_new_tokens, chunk = int(max_new_tokens), int(chunk)
+    if max_new_tokens < 0 or chunk < 1:
+        raise ValueError(f"need max_new_tokens >= 0 and chunk >= 1, got {max_new_tokens}, {chunk}")
+    prep = _prepare(params, config, input_ids, attention_mask, do_sample=do_sample, temperature=temperature,
+                    top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
+                    adapters=adapters, adapter_ids=adapter_ids, bucket=True)
+    if max_new_tokens == 0:
+        return
+    tb = prep.prompt.shape[1]
+    cache_len = tb + bucket_length(min(max_new_tokens, initial_new))
+    key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
+    kw = dict(config=config, dtype=dtype, static=prep.static)
+    state = _prefill(prep.params, prep.lora_vars, prep.prompt, prep.prompt_mask, prep.length, key, prep.knobs,
+                     cache_len=cache_len, **kw)
+    done, pos = 1, prep.length + 1
+    yield np.asarray(state["ids"][:, pos - 1:pos]).astype(prep.out_dtype)
+    while done < max_new_tokens and not (prep.static.has_eos and bool(jnp.all(state["finished"]))):
+        if pos == cache_len:  # full: double the new-token room
+            b, extra = prep.prompt.shape[0], cache_len - tb
+            k0 = state["cache"]["layers"][0]["k"]
+            kv = jnp.zeros((b, extra) + k0.shape[2:], k0.dtype)
+            state = _grow(state, jnp.zeros((b, extra), jnp.int32), kv)
+            cache_len += extra
+        n = min(chunk, max_new_tokens - done, cache_len - pos)
+        state = _decode(prep.params, prep.lora_vars, state, jnp.int32(done + n), prep.knobs, **kw)
+        new_pos = int(state["pos"])
+        yield np.asarray(state["ids"][:, pos:new_pos]).astype(prep.out_dtype)
+        done += new_pos - pos
+        pos = new_pos
