@@ -1,0 +1,344 @@
+"""LoRA SFT training (train/step.py, train/lora.py, train/checkpoint.py, train/sharding.py): tiny configs only."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lora
+from minimind_jax import MiniMindConfig, MiniMindForCausalLM
+from train import step as S
+
+ROOT = Path(__file__).resolve().parents[1]
+V = 96
+CFG = MiniMindConfig(hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                     vocab_size=V, intermediate_size=40)
+MOE = CFG.replace(use_moe=True, n_routed_experts=3)
+
+
+def _params(cfg, seed=0):
+    model = MiniMindForCausalLM(cfg)
+    return model, model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 4), jnp.int32))["params"]
+
+
+def _batch(seed, b=3, t=13, prompt=4, vocab=V):
+    rs = np.random.RandomState(seed)
+    ids = rs.randint(3, vocab, (b, t)).astype(np.int32)
+    labels = ids.copy()
+    labels[:, :prompt] = -100
+    for r in range(b):  # ragged rows: right padding with labels -100
+        n = t - rs.randint(0, 4)
+        ids[r, n:], labels[r, n:] = 0, -100
+    return {"input_ids": ids, "labels": labels}
+
+
+@pytest.fixture(scope="module")
+def dense():
+    model, params = _params(CFG)
+    adapter = lora.init(params, jax.random.PRNGKey(1), rank=3, targets="all-linear")
+    # a non-zero B so the adapter changes the forward (init has B = 0)
+    adapter = adapter.replace(weights=jax.tree.map(lambda x: x + 0.05, adapter.weights))
+    return model, params, adapter
+
+
+@pytest.fixture(scope="module")
+def tx():
+    return S.make_optimizer()
+
+
+@pytest.fixture(scope="module")
+def step_fn(dense, tx):
+    return S.make_train_step(dense[0], tx, accumulation_steps=1, grad_clip=1.0)
+
+
+# ------------------------------------------------------------------------------------------ schedule
+
+
+def test_lr_schedule_is_minimind():
+    lr, total = 3e-4, 37
+    for s in (1, 5, 18, 37):
+        assert S.get_lr(s, total, lr) == pytest.approx(lr * (0.1 + 0.45 * (1 + math.cos(math.pi * s / total))), rel=1e-15)
+    assert S.get_lr(total, total, lr) == pytest.approx(0.1 * lr)
+
+
+def test_bucket_is_monotone_and_capped():
+    sizes = [S.bucket(n, 340) for n in range(1, 400)]
+    assert sizes == sorted(sizes) and max(sizes) == 340 and all(s >= n for n, s in zip(range(1, 341), sizes))
+    assert len(set(sizes)) <= 10
+
+
+# ------------------------------------------------------------------------------------------ loss
+
+
+@pytest.mark.parametrize("cfg", [CFG, MOE], ids=["dense", "moe"])
+def test_step_loss_is_model_loss_plus_aux(cfg, tx):
+    model, params = _params(cfg)
+    adapter = lora.init(params, jax.random.PRNGKey(2), rank=2)
+    batch = _batch(0)
+    out = lora.apply(model, params, adapter, batch["input_ids"], labels=batch["labels"], deterministic=False)
+    if cfg.use_moe:
+        assert float(out.aux_loss) > 0
+    arrays, cap, _ = S.prepare_batch(batch, trim=not cfg.use_moe)
+    step = S.make_train_step(model, tx)
+    state, m = step(S.init_state(adapter, tx), params, arrays, 1e-3, cap=cap, update=True)
+    np.testing.assert_allclose(float(m["loss"]), float(out.loss + out.aux_loss), rtol=1e-6)
+    np.testing.assert_allclose(float(m["aux_loss"]), float(out.aux_loss), rtol=1e-6)
+
+
+def test_labels_only_projection_equals_full_logits(dense):
+    model, params, adapter = dense
+    batch = _batch(3, b=4, t=40, prompt=20)
+    f = S.make_eval_loss(model)
+    arrays, cap, stats = S.prepare_batch(batch)
+    assert cap < 39 and arrays["input_ids"].shape[1] <= 40
+    full, _ = f(adapter, params, batch, cap=None)
+    ref = model.apply({"params": params, "lora": lora.folded(adapter)}, batch["input_ids"], labels=batch["labels"]).loss
+    part, _ = f(adapter, params, arrays, cap=cap)
+    np.testing.assert_allclose(float(full), float(ref), rtol=1e-6)
+    np.testing.assert_allclose(float(part), float(ref), rtol=1e-6)
+    g = lambda b, c: jax.grad(lambda a: S.loss_fn(a, params, b, model=model, cap=c)[0])(adapter).weights
+    for x, y in zip(jax.tree.leaves(g(batch, None)), jax.tree.leaves(g(arrays, cap))):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+
+
+def test_packed_equals_padded_on_same_samples(dense, tmp_path):
+    from train.data import SFTLoader, load_sft_dataset
+    from train.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    lines = (ROOT / "data" / "lora_identity.jsonl").read_text(encoding="utf-8").splitlines()[:5]
+    path = tmp_path / "five.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    ds = load_sft_dataset(path, tok, max_seq_len=96, cache_dir=tmp_path)
+    cfg = CFG.replace(vocab_size=tok.vocab_size)
+    model, params = _params(cfg)
+    adapter = lora.init(params, jax.random.PRNGKey(1), rank=2)
+    adapter = adapter.replace(weights=jax.tree.map(lambda x: x + 0.03, adapter.weights))
+    f = S.make_eval_loss(model)
+    losses = {}
+    for packed in (False, True):
+        loader = SFTLoader(ds, 5, packed=packed, seq_len=192 if packed else None, shuffle=False, seed=1,
+                           add_system_ratio=0.5, empty_think_ratio=0.5, process_index=0, process_count=1)
+        assert loader.steps_in_epoch(0) == 1
+        arrays, cap, stats = S.prepare_batch(loader.get_batch(0, 0), pad_id=ds.pad_id)
+        losses[packed] = float(f(adapter, params, arrays, cap=cap)[0])
+        if packed:
+            assert arrays["segment_ids"].max() >= 2  # several samples really share a row
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ optimizer
+
+
+def _torch_like_update(adapter, grads, lr, clip=1.0, wd=0.01):
+    """Reference: torch clip_grad_norm_ + AdamW (first step) written out by hand."""
+    leaves = jax.tree.leaves(grads)
+    norm = math.sqrt(sum(float(np.sum(np.asarray(g, np.float64) ** 2)) for g in leaves))
+    coef = min(1.0, clip / (norm + 1e-6))
+
+    def upd(p, g):
+        g = g * coef
+        m, v = 0.1 * g, 0.001 * g * g
+        mhat, vhat = m / 0.1, v / 0.001
+        return p * (1 - lr * wd) - lr * mhat / (jnp.sqrt(vhat) + 1e-8)
+
+    return jax.tree.map(upd, adapter.weights, grads)
+
+
+def test_grad_accumulation_is_minimind(dense, tx):
+    model, params, adapter = dense
+    b1, b2 = _batch(5), _batch(6)
+    lr = 2e-3
+    step2 = S.make_train_step(model, tx, accumulation_steps=2, grad_clip=1.0)
+    state = S.init_state(adapter, tx)
+    a1, c1, _ = S.prepare_batch(b1)
+    a2, c2, _ = S.prepare_batch(b2)
+    state, _ = step2(state, params, a1, lr, cap=c1, update=False)
+    assert int(state.updates) == 0 and float(jnp.abs(state.adapter.weights["model"]["layers_0"]["self_attn"]["q_proj"]["A"] - adapter.weights["model"]["layers_0"]["self_attn"]["q_proj"]["A"]).max()) == 0
+    state, m = step2(state, params, a2, lr, cap=c2, update=True)
+    assert int(state.updates) == 1
+    g = lambda b: jax.grad(lambda a: S.loss_fn(a, params, b, model=model, cap=None)[0])(adapter).weights
+    grads = jax.tree.map(lambda x, y: (x + y) / 2, g(b1), g(b2))  # MiniMind: per-micro-batch mean, / acc
+    want = _torch_like_update(adapter, grads, lr)
+    for x, y in zip(jax.tree.leaves(state.adapter.weights), jax.tree.leaves(want)):
+        np.testing.assert_allclose(x, y, rtol=2e-5, atol=1e-7)
+    # equal labelled counts per micro-batch -> the same as one big batch
+    big = {k: np.concatenate([b1[k], b1[k]]) for k in b1}
+    step1 = S.make_train_step(model, tx, accumulation_steps=1)
+    ab, cb, _ = S.prepare_batch(big)
+    s_big, _ = step1(S.init_state(adapter, tx), params, ab, lr, cap=cb, update=True)
+    s_acc = S.init_state(adapter, tx)
+    s_acc, _ = step2(s_acc, params, a1, lr, cap=c1, update=False)
+    s_acc, _ = step2(s_acc, params, a1, lr, cap=c1, update=True)
+    for x, y in zip(jax.tree.leaves(s_big.adapter.weights), jax.tree.leaves(s_acc.adapter.weights)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+
+
+def test_frozen_base_is_untouched_and_has_no_optimizer_state(dense, tx, step_fn):
+    model, params, adapter = dense
+    before = jax.tree.map(np.array, params)
+    state = S.init_state(adapter, tx)
+    for i in range(3):
+        arrays, cap, _ = S.prepare_batch(_batch(10 + i))
+        state, m = step_fn(state, params, arrays, 1e-2, cap=cap, update=True)
+    for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(params)):
+        assert np.array_equal(x, np.asarray(y))
+    n_adapter = len(jax.tree.leaves(adapter.weights))
+    shapes = {x.shape for x in jax.tree.leaves(adapter.weights)}
+    opt_leaves = [x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]
+    assert len(opt_leaves) == 2 * n_adapter and {x.shape for x in opt_leaves} == shapes
+    assert any(float(jnp.abs(x - y).max()) > 0 for x, y in zip(jax.tree.leaves(state.adapter.weights), jax.tree.leaves(adapter.weights)))
+
+
+def test_nonfinite_loss_freezes_state(dense, tx, step_fn):
+    model, params, adapter = dense
+    bad_params = jax.tree.map(lambda x: x, params)
+    state = S.init_state(adapter, tx)
+    arrays, cap, _ = S.prepare_batch(_batch(20))
+    state, m = step_fn(state, params, arrays, 1e-2, cap=cap, update=True)
+    good = jax.tree.map(np.array, state.adapter.weights)
+    emb = bad_params["model"]["embed_tokens"]["embedding"]
+    bad_params["model"]["embed_tokens"]["embedding"] = emb.at[int(arrays["input_ids"][0, 0])].set(jnp.nan)
+    state, m = step_fn(state, bad_params, arrays, 1e-2, cap=cap, update=True)
+    state, m = step_fn(state, params, arrays, 1e-2, cap=cap, update=True)  # finite again: still frozen
+    assert int(m["bad_step"]) == 2 and int(state.micro) == 3 and int(state.updates) == 1
+    for x, y in zip(jax.tree.leaves(good), jax.tree.leaves(state.adapter.weights)):
+        assert np.array_equal(x, np.asarray(y))
+
+
+# ------------------------------------------------------------------------------------------ data parallel
+
+_DP_SCRIPT = r"""
+import os, json, numpy as np, jax, jax.numpy as jnp
+import lora
+from minimind_jax import MiniMindConfig, MiniMindForCausalLM
+from train import step as S, sharding
+assert jax.device_count() == 4, jax.devices()
+cfg = MiniMindConfig(hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=96, intermediate_size=40)
+model = MiniMindForCausalLM(cfg)
+params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+adapter = lora.init(params, jax.random.PRNGKey(1), rank=3)
+tx = S.make_optimizer()
+rs = np.random.RandomState(0)
+out = {}
+for n in (1, 4):
+    mesh = sharding.make_mesh(jax.devices()[:n])
+    step = S.make_train_step(model, tx, accumulation_steps=2, state_sharding=sharding.replicated(mesh))
+    state = sharding.replicate(S.init_state(adapter, tx), mesh)
+    p = sharding.replicate(params, mesh)
+    losses = []
+    rs = np.random.RandomState(0)
+    for i in range(4):
+        ids = rs.randint(3, 96, (8, 16)).astype(np.int32); lab = ids.copy(); lab[:, :5] = -100
+        arrays, cap, _ = S.prepare_batch({"input_ids": ids, "labels": lab})
+        batch = sharding.put_batch(arrays, mesh)
+        assert len(batch["input_ids"].sharding.device_set) == n
+        state, m = step(state, p, batch, 1e-2, cap=cap, update=i % 2 == 1)
+        losses.append(float(m["loss"]))
+    out[n] = losses
+try:
+    sharding.check_batch_size(6, sharding.make_mesh())
+except ValueError as e:
+    out["error"] = str(e)
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_four_devices_match_one():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=str(ROOT),
+               JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-c", _DP_SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.split("RESULT ", 1)[1])
+    np.testing.assert_allclose(out["4"], out["1"], rtol=1e-5, atol=1e-5)
+    assert out["1"][0] != out["1"][3]  # it trained
+    assert "not divisible by the 4 devices" in out["error"]
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    lines = (ROOT / "data" / "lora_identity.jsonl").read_text(encoding="utf-8").splitlines()[:14]
+    (d / "tiny.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return d
+
+
+def _cli(tiny_data, save_dir, *extra):
+    from train.lora import main
+
+    return main(["--hidden_size", "32", "--num_hidden_layers", "1", "--epochs", "2", "--batch_size", "4",
+                 "--max_seq_len", "64", "--learning_rate", "5e-3", "--data_path", str(tiny_data / "tiny.jsonl"),
+                 "--cache_dir", str(tiny_data / "cache"), "--save_dir", str(save_dir), "--log_interval", "1",
+                 "--max_new_tokens", "0", *extra])
+
+
+def test_cli_end_to_end(tiny_data, tmp_path):
+    import convert
+    from train.metrics import read_metrics
+
+    out = _cli(tiny_data, tmp_path, "--pack", "0", "--accumulation_steps", "2", "--max_new_tokens", "3")
+    ckpt = tmp_path / "lora_identity_32.ckpt"
+    assert Path(out["adapter_path"]) == ckpt and ckpt.is_dir()
+    adapter = convert.load_adapter(ckpt)
+    for x, y in zip(jax.tree.leaves(adapter.weights), jax.tree.leaves(out["state"].adapter.weights)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    meta = json.loads((ckpt / "adapter.json").read_text())
+    assert meta["rank"] == 8 and meta["base_config"]["hidden_size"] == 32 and meta["base_fingerprint"]
+    rows = read_metrics(tmp_path / "lora_identity_metrics.jsonl")
+    assert len(rows) == out["steps"] == 8 and set(S_FIELDS) <= set(rows[0])
+    total = rows[-1]["step"]
+    for r in rows:
+        assert r["lr"] == pytest.approx(S.get_lr(r["step"], total, 5e-3))
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    assert any(np.abs(np.asarray(x)).max() > 0 for x in jax.tree.leaves(adapter.weights) if x.shape[0] == 8)  # B trained
+    assert len(out["answers_before"]) == 2 and len(out["answers_after"]) == 2
+    assert int(out["state"].updates) == 4  # 4 micro-steps per epoch, accumulation 2
+
+
+S_FIELDS = ("step", "epoch", "loss", "aux_loss", "lr", "grad_norm", "tokens_per_s")
+
+
+def test_resume_reproduces_uninterrupted_run(tiny_data, tmp_path):
+    from train.metrics import read_metrics
+
+    full = _cli(tiny_data, tmp_path / "a", "--accumulation_steps", "2", "--save_interval", "3", "--batch_size", "2")
+    steps = full["steps"]
+    assert steps >= 6
+    b = tmp_path / "b"
+    assert _cli(tiny_data, b, "--accumulation_steps", "2", "--save_interval", "3", "--batch_size", "2",
+                "--stop_after", "4") == {"interrupted": True}
+    rdir = b / "checkpoints" / "lora_identity_32_resume"
+    assert sorted(os.listdir(rdir)) == ["3"]
+    stale = rdir / "5.orbax-checkpoint-tmp-1234"  # an interrupted save: must be ignored
+    stale.mkdir()
+    (stale / "junk").write_text("x")
+    res = _cli(tiny_data, b, "--accumulation_steps", "2", "--save_interval", "3", "--batch_size", "2", "--from_resume", "1")
+    assert res["steps"] == steps - 3
+    a_rows, b_rows = read_metrics(tmp_path / "a" / "lora_identity_metrics.jsonl"), read_metrics(b / "lora_identity_metrics.jsonl")
+    assert [r["step"] for r in b_rows] == [r["step"] for r in a_rows]
+    np.testing.assert_allclose([r["loss"] for r in b_rows], [r["loss"] for r in a_rows], rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(full["state"].adapter.weights), jax.tree.leaves(res["state"].adapter.weights)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-8)
+    kept = sorted(int(p) for p in os.listdir(rdir) if p.isdigit())
+    assert len(kept) == 2 and kept[-1] == steps
+
+
+def test_nan_stops_with_message(tiny_data, tmp_path):
+    import convert
+
+    with pytest.raises(SystemExit, match=r"non-finite loss at step \d+/\d+ of epoch \d+/2") as e:
+        _cli(tiny_data, tmp_path, "--learning_rate", "1e38", "--save_interval", "1")
+    msg = str(e.value)
+    assert "last good checkpoint is" in msg
+    adapter = convert.load_adapter(tmp_path / "lora_identity_32.ckpt")
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(adapter.weights))

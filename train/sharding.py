@@ -1,0 +1,93 @@
+"""Data parallelism: one `data` mesh axis over every device of every process.
+
+The batch is split along its first dimension (`batch_sharding`); the train state and the base params are
+replicated (`replicated`). `jax.jit` with these committed inputs runs SPMD and inserts the gradient all-reduce.
+
+Multi-host: start one process per host (or per GPU) and call `init_distributed` before anything touches the
+devices; each process loads its own rows (`SFTLoader` slices by process index) and `put_batch` assembles the
+global array from the per-process pieces.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXIS = "data"
+
+
+def init_distributed(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
+                     process_id: Optional[int] = None) -> bool:
+    """jax.distributed.initialize when several processes are asked for (flags, or the JAX_COORDINATOR_ADDRESS /
+    JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variables). Returns True when it initialised."""
+    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    num_processes = num_processes or _env_int("JAX_NUM_PROCESSES")
+    process_id = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
+    if not coordinator and not (num_processes and num_processes > 1):
+        return False
+    if num_processes is None or process_id is None or not coordinator:
+        raise ValueError("multi-process training needs all of --coordinator HOST:PORT, --num_processes N and "
+                         f"--process_id I (got coordinator={coordinator!r}, num_processes={num_processes!r}, "
+                         f"process_id={process_id!r})")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    return True
+
+
+def _env_int(name: str) -> Optional[int]:
+    v = os.environ.get(name)
+    return int(v) if v not in (None, "") else None
+
+
+def make_mesh(devices=None) -> Mesh:
+    devices = jax.devices() if devices is None else list(devices)
+    return Mesh(np.asarray(devices), (AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
+    n = mesh.devices.size
+    if global_batch_size % n:
+        raise ValueError(f"--batch_size {global_batch_size} is not divisible by the {n} devices of the data mesh "
+                         f"({jax.process_count()} process(es) x {jax.local_device_count()} local); use a multiple of {n}")
+
+
+def replicate(tree, mesh: Mesh):
+    """Place a host pytree (identical on every process) on every device."""
+    sharding = replicated(mesh)
+
+    def put(x):
+        x = np.asarray(x) if not isinstance(x, jax.Array) else x
+        if jax.process_count() == 1:
+            return jax.device_put(x, sharding)
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+    return jax.tree.map(put, tree)
+
+
+def put_batch(batch: dict, mesh: Mesh) -> dict:
+    """This process's rows [B_local, ...] -> global arrays [B_local * process_count, ...] split over `data`."""
+    sharding = batch_sharding(mesh)
+    if jax.process_count() == 1:
+        return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def agree_max(values) -> np.ndarray:
+    """Element-wise max of small int vectors over all processes (so every host picks the same static shapes)."""
+    values = np.asarray(values, np.int64)
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(values)).max(0)

@@ -1,0 +1,236 @@
+"""The LoRA SFT train step: loss, optimizer, learning-rate schedule and one jitted, pure, donated update.
+
+Only the adapter's A/B factors are differentiated: the base params are an ordinary (non-donated, never updated)
+argument of the step, so they hold no gradient and no optimizer state. The step reproduces MiniMind's
+`train_lora.py` arithmetic:
+
+- loss = mean cross-entropy over the labelled tokens of the micro-batch (logits[:, :-1] vs labels[:, 1:],
+  -100 ignored) + MoE aux loss; gradients of `loss / accumulation_steps` are summed over micro-steps;
+- on an update micro-step: torch's `clip_grad_norm_` (g * min(1, clip / (|g| + 1e-6))), then torch's AdamW
+  (betas 0.9/0.999, eps 1e-8, decoupled weight decay 0.01) with the learning rate of that micro-step;
+- lr = MiniMind's `get_lr(s, total, lr) = lr * (0.1 + 0.45 * (1 + cos(pi * s / total)))`, s counted from 1.
+
+Speed: the vocabulary projection is computed only at the positions whose shifted label is not -100: per row,
+the first `cap` such positions are gathered into a [B, cap, D] buffer (`cap` static, bucketed by
+`prepare_batch`) before `lm_head`; `cap=None` is the MiniMind way (logits at every position). Sequences are cut
+after the last labelled token (bucketed too); with causal attention nothing after it can change the loss.
+
+NaN/inf: a non-finite loss (or gradient norm) freezes the state: that step and every later one leave the
+adapter/optimizer untouched and `state.bad_step` records the first bad global micro-step, which the host checks
+when it syncs anyway (log and save steps), so no step ever syncs just for this.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+import lora as lora_lib
+
+IGNORE = -100
+
+
+# ------------------------------------------------------------------------------------------- schedule
+
+
+def get_lr(step: int, total_steps: int, lr: float) -> float:
+    """MiniMind's cosine schedule with a 10% floor: lr at `step` (1-based) of `total_steps`."""
+    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / total_steps)))
+
+
+# ------------------------------------------------------------------------------------------- optimizer
+
+
+def make_optimizer(weight_decay: float = 0.01, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
+    """torch.optim.AdamW's defaults with unit learning rate; the step multiplies the update by the schedule's lr.
+
+    optax.adamw(1.0) gives -(m_hat / (sqrt(v_hat) + eps) + wd * p), so lr * that is exactly torch's
+    p <- p - lr*wd*p - lr*m_hat/(sqrt(v_hat)+eps). (optax's default weight_decay is 1e-4; torch's is 0.01.)
+    """
+    return optax.adamw(1.0, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+
+
+def clip_by_global_norm(grads, max_norm: float):
+    """torch.nn.utils.clip_grad_norm_: -> (clipped grads, pre-clip global norm)."""
+    norm = optax.tree.norm(grads)
+    coef = jnp.minimum(1.0, max_norm / (norm + 1e-6))
+    return jax.tree.map(lambda g: g * coef.astype(g.dtype), grads), norm
+
+
+# ------------------------------------------------------------------------------------------- state
+
+
+@struct.dataclass
+class TrainState:
+    """Everything that changes during training (base params are not here: they never change)."""
+    adapter: lora_lib.Adapter  # fp32 master weights
+    opt_state: Any
+    grad_acc: Any  # summed gradients of the current accumulation window (same tree as adapter.weights)
+    micro: jax.Array  # int32, global micro-steps taken
+    updates: jax.Array  # int32, optimizer steps taken
+    grad_norm: jax.Array  # f32, pre-clip global norm of the last update
+    bad_step: jax.Array  # int32, first global micro-step (1-based) with a non-finite loss; -1 = none
+    rng: jax.Array  # uint32[2], dropout key (folded with `micro` each step)
+
+    def to_tree(self) -> dict:
+        """A plain dict for checkpointing."""
+        return {"adapter": self.adapter.weights, "opt_state": self.opt_state, "grad_acc": self.grad_acc,
+                "micro": self.micro, "updates": self.updates, "grad_norm": self.grad_norm,
+                "bad_step": self.bad_step, "rng": self.rng}
+
+    def from_tree(self, tree: dict) -> "TrainState":
+        return self.replace(adapter=self.adapter.replace(weights=tree["adapter"]), opt_state=tree["opt_state"],
+                            grad_acc=tree["grad_acc"], micro=tree["micro"], updates=tree["updates"],
+                            grad_norm=tree["grad_norm"], bad_step=tree["bad_step"], rng=tree["rng"])
+
+
+def init_state(adapter: lora_lib.Adapter, tx, seed: int = 42) -> TrainState:
+    adapter = adapter.replace(weights=jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), adapter.weights))  # the step donates the state: never alias the caller's arrays
+    return TrainState(adapter=adapter, opt_state=tx.init(adapter.weights), grad_acc=jax.tree.map(jnp.zeros_like, adapter.weights),
+                      micro=jnp.zeros((), jnp.int32), updates=jnp.zeros((), jnp.int32),
+                      grad_norm=jnp.zeros((), jnp.float32), bad_step=jnp.full((), -1, jnp.int32),
+                      rng=jax.random.PRNGKey(seed))
+
+
+# ------------------------------------------------------------------------------------------- batches
+
+
+def bucket(n: int, hi: int, lo: int = 16) -> int:
+    """Smallest of lo-aligned sizes {2^k, 3*2^(k-1)} >= n, capped at hi: few distinct shapes -> few compiles."""
+    n = max(int(n), 1)
+    size = lo
+    while size < n:
+        size = size * 3 // 2 if (size & (size - 1)) == 0 else size * 4 // 3  # 16, 24, 32, 48, 64, 96, ...
+    return min(size, hi)
+
+
+def prepare_batch(batch: dict, *, trim: bool = True, labels_only: bool = True, pad_id: Optional[int] = None) -> tuple[dict, Optional[int], dict]:
+    """Host side (numpy) shaping of one loader batch -> (arrays, label cap, stats).
+
+    trim: cut every row after the last labelled token of the batch, to a bucketed length (exact for the loss of a
+      causal model; NOT for a MoE aux loss, which averages over every position, so callers pass trim=False then).
+    labels_only: cap = max count of labelled (shifted) positions per row, rounded up to a power of 2 (>= 8, <= T-1);
+      False -> cap None (full logits).
+    stats: {"tokens": non-padding tokens, "labelled": labelled tokens, "need_t", "need_cap"} (numpy ints).
+    """
+    labels = batch["labels"]
+    b, t = labels.shape
+    valid = labels[:, 1:] != IGNORE  # [B, T-1]
+    if "segment_ids" in batch:
+        tokens = int(np.count_nonzero(batch["segment_ids"]))
+    elif pad_id is not None:
+        tokens = int(np.count_nonzero(batch["input_ids"] != pad_id))
+    else:
+        tokens = b * t
+    cols = np.flatnonzero(valid.any(0))
+    need_t = int(cols[-1]) + 2 if len(cols) else 2  # last labelled shifted column c is label position c+1
+    out = dict(batch)
+    if trim:
+        tb = bucket(need_t, t)
+        out = {k: v[:, :tb] for k, v in batch.items()}
+        valid = valid[:, : tb - 1]
+    need_cap = int(valid.sum(1).max()) if b else 0
+    cap = min(max(8, 1 << (need_cap - 1).bit_length()), valid.shape[1]) if labels_only else None  # powers of 2
+    stats = {"tokens": tokens, "labelled": int(valid.sum()), "need_t": need_t, "need_cap": need_cap}
+    return out, cap, stats
+
+
+# ------------------------------------------------------------------------------------------- loss
+
+
+def labelled_cross_entropy(model, params, hidden, labels, cap: Optional[int]):
+    """MiniMind's shifted CE (mean over labels != -100) from hidden states [B, T, D].
+
+    cap=None: logits at all B*(T-1) positions (MiniMind). cap=C: per row, the first C positions whose shifted
+    label is set are gathered into [B, C, D] and only those are projected to the vocabulary; C must be >= the
+    largest per-row count (prepare_batch guarantees it).
+    """
+    h, tgt = hidden[:, :-1], labels[:, 1:]
+    valid = tgt != IGNORE  # [B, T-1]
+    if cap is not None:
+        idx = jax.vmap(lambda v: jnp.nonzero(v, size=cap, fill_value=0)[0])(valid)  # [B, C]
+        keep = jnp.arange(cap)[None, :] < valid.sum(1, keepdims=True)  # [B, C]
+        h = jnp.take_along_axis(h, idx[..., None], axis=1)  # [B, C, D]
+        tgt = jnp.take_along_axis(tgt, idx, axis=1)
+        valid = keep
+    logits = model.apply({"params": params}, h, method="logits").astype(jnp.float32)  # [B, C or T-1, V]
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, jnp.where(valid, tgt, 0)[..., None], axis=-1)[..., 0]
+    nll = jnp.where(valid, lse - picked, 0.0)
+    return jnp.sum(nll) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def loss_fn(adapter, params, batch: dict, *, model, cap: Optional[int], rng=None, deterministic: bool = False):
+    """-> (ce + aux, (ce, aux)) for one micro-batch."""
+    kw = {}
+    if rng is not None and model.config.dropout > 0 and not deterministic:
+        kw["rngs"] = {"dropout": rng}
+    out = lora_lib.apply(model, params, adapter, batch["input_ids"], positions=batch.get("positions"),
+                         segment_ids=batch.get("segment_ids"), deterministic=deterministic, logits_to_keep=1, **kw)
+    ce = labelled_cross_entropy(model, params, out.hidden_states, batch["labels"], cap)
+    aux = out.aux_loss if out.aux_loss is not None else jnp.zeros((), jnp.float32)
+    return ce + aux, (ce, aux)
+
+
+# ------------------------------------------------------------------------------------------- step
+
+
+def make_train_step(model, tx, *, accumulation_steps: int = 1, grad_clip: float = 1.0, state_sharding=None):
+    """-> step(state, params, batch, lr, *, cap, update) -> (state, metrics); jitted, `state` donated.
+
+    `update` (static): apply the optimizer after adding this micro-batch's gradients (MiniMind: every
+    `accumulation_steps` micro-steps and at the end of an epoch). `cap` (static): see labelled_cross_entropy.
+    metrics: {"loss": ce + aux, "aux_loss", "grad_norm" (last update's), "bad_step"} as device scalars.
+    """
+    acc = float(accumulation_steps)
+
+    def step(state: TrainState, params, batch, lr, *, cap, update):
+        rng = jax.random.fold_in(state.rng, state.micro)
+        grad_fn = jax.value_and_grad(lambda a: _scaled(loss_fn(a, params, batch, model=model, cap=cap, rng=rng), acc),
+                                     has_aux=True)
+        (_, (ce, aux)), grads = grad_fn(state.adapter)
+        loss = ce + aux
+        grad_acc = jax.tree.map(jnp.add, state.grad_acc, grads.weights)
+        new = state.replace(grad_acc=grad_acc, micro=state.micro + 1)
+        finite = jnp.isfinite(loss)
+        if update:
+            clipped, norm = clip_by_global_norm(grad_acc, grad_clip)
+            upd, opt_state = tx.update(clipped, state.opt_state, state.adapter.weights)
+            upd = jax.tree.map(lambda u: (lr * u).astype(u.dtype), upd)
+            weights = optax.apply_updates(state.adapter.weights, upd)
+            new = new.replace(adapter=state.adapter.replace(weights=weights), opt_state=opt_state,
+                              grad_acc=jax.tree.map(jnp.zeros_like, grad_acc), updates=state.updates + 1,
+                              grad_norm=norm.astype(jnp.float32))
+            finite &= jnp.isfinite(norm)
+        ok = (state.bad_step < 0) & finite
+        # Once bad, freeze everything except the counters: the host stops at its next sync with the good state.
+        frozen = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state.replace(micro=new.micro))
+        bad_step = jnp.where(state.bad_step >= 0, state.bad_step, jnp.where(finite, -1, new.micro))
+        new = frozen.replace(bad_step=bad_step.astype(jnp.int32))
+        return new, {"loss": loss, "aux_loss": aux, "grad_norm": new.grad_norm, "bad_step": new.bad_step}
+
+    jit_kw = {}
+    if state_sharding is not None:
+        jit_kw["out_shardings"] = (state_sharding, state_sharding)
+    return jax.jit(step, static_argnames=("cap", "update"), donate_argnums=(0,), **jit_kw)
+
+
+def _scaled(out, acc):
+    total, aux = out
+    return total / acc, aux
+
+
+def make_eval_loss(model, *, labels_only: bool = True):
+    """-> loss(adapter, params, batch, cap) -> (ce + aux, (ce, aux)), deterministic, jitted (tests, eval)."""
+
+    @partial(jax.jit, static_argnames=("cap",))
+    def f(adapter, params, batch, cap=None):
+        return loss_fn(adapter, params, batch, model=model, cap=cap if labels_only else None, deterministic=False)
+
+    return f
