@@ -84,12 +84,14 @@ class MiniMindModel(nn.Module):
         if positions is None:  # MiniMind: positions continue from the cache length, pads included
             positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
         cos, sin = rope_cos_sin(self.config, positions)
-        if cache is None:
-            bias = attention_bias(positions, positions, attention_mask, segment_ids, segment_ids)
+        if cache is None:  # causal by token order; `positions` only drive RoPE (they restart in packed rows)
+            idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            bias = attention_bias(idx, idx, attention_mask, segment_ids, segment_ids)
         else:  # keys are cache slots 0..S-1; attention_mask, when given, covers all S slots
             s = cache["layers"][0]["k"].shape[1]
-            k_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-            bias = attention_bias(positions, k_pos, attention_mask)
+            k_idx = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+            q_idx = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+            bias = attention_bias(q_idx, k_idx, attention_mask)
 
         x = self.embed_tokens(input_ids).astype(self.dtype)  # [B, T, D]
         if self.config.dropout > 0:
