@@ -38,12 +38,19 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def synthetic_samples(n: int, lo: int, hi: int, vocab: int, seed: int = 0):
-    """[(ids, labels)] chat-like samples: 20-50% prompt (-100), the rest labelled answer."""
+def synthetic_samples(n: int, lo: int, hi: int, vocab: int, seed: int = 0, dist: str = "loguniform"):
+    """[(ids, labels)] chat-like samples: 20-50% prompt (-100), the rest labelled answer.
+
+    Lengths in [lo, hi]: "loguniform" (default) is skewed to short samples as real SFT sets are (most chat turns
+    are short, a few are long: mean ~113 tokens for 20..340); "uniform" is the flat worst case for packing (mean 180).
+    """
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
-        length = int(rng.integers(lo, hi + 1))
+        if dist == "uniform":
+            length = int(rng.integers(lo, hi + 1))
+        else:
+            length = int(round(np.exp(rng.uniform(np.log(lo), np.log(hi)))))
         ids = rng.integers(3, vocab, length).astype(np.int32)
         labels = ids.copy()
         labels[: max(1, int(length * rng.uniform(0.2, 0.5)))] = -100
@@ -109,6 +116,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=5, help="mode 1 timed steps")
     p.add_argument("--samples", type=int, default=256, help="mode 2 synthetic samples (one epoch)")
     p.add_argument("--min_len", type=int, default=20)
+    p.add_argument("--length_dist", choices=("loguniform", "uniform"), default="loguniform",
+                   help="mode 2 sample lengths: log-uniform (short-skewed, like real SFT data) or uniform")
     p.add_argument("--max_seq_len", type=int, default=340)
     p.add_argument("--sft_batch", type=int, default=8, help="mode 2 rows per step (both ways)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes for a quick check")
@@ -146,7 +155,7 @@ def main(argv=None):
              "compile_s": compile1}
 
     # ---- mode 2: real SFT work, one epoch
-    samples = synthetic_samples(args.samples, args.min_len, args.max_seq_len, cfg.vocab_size)
+    samples = synthetic_samples(args.samples, args.min_len, args.max_seq_len, cfg.vocab_size, dist=args.length_dist)
     real_tokens = int(sum(len(x) for x, _ in samples))
     mm = [S.prepare_batch(b, trim=False, labels_only=False)[:2] for b in padded_batches(samples, args.sft_batch, args.max_seq_len)]
     ours = [S.prepare_batch(b)[:2] for b in packed_batches(samples, args.sft_batch, args.max_seq_len)]

@@ -38,8 +38,13 @@ import numpy as np
 BUNDLED_DATA = Path(__file__).resolve().parents[1] / "data" / "lora_identity.jsonl"
 PROMPTS = ("你是谁？", "Who are you?")
 # The bundled demo (random-init base, bundled data): settings that make the adapter visibly take effect quickly.
-DEMO = {"epochs": 6, "learning_rate": 1e-2, "batch_size": 1}
-REAL = {"epochs": 10, "learning_rate": 1e-4, "batch_size": 32}  # MiniMind's defaults for real weights
+# A random base has no language to build on, so the demo adapts every projection (MiniMind's square-kernel rule
+# leaves too little capacity to learn answers from scratch in minutes) and renders conversations exactly like the
+# generation prompt (no random system prompt, empty think block kept).
+DEMO = {"epochs": 10, "learning_rate": 4e-3, "batch_size": 2, "targets": "all-linear",
+        "add_system_ratio": 0.0, "empty_think_ratio": 1.0}
+REAL = {"epochs": 10, "learning_rate": 1e-4, "batch_size": 32, "targets": "square",  # MiniMind's defaults
+        "add_system_ratio": 0.2, "empty_think_ratio": 0.2}
 
 
 class TrainingDiverged(RuntimeError):
@@ -69,12 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--from_resume", type=int, choices=(0, 1), default=0, help="1: continue from the latest full train state")
     a("--rank", type=int, default=8)
     a("--alpha", type=float, default=None, help="LoRA alpha (scale alpha/rank); default none = scale 1 like MiniMind")
-    a("--targets", default="square", help="square (MiniMind), all-linear, attn, mlp, or comma-separated names/regexes")
+    a("--targets", default=None, help="square (MiniMind's rule, the default), all-linear, attn, mlp, or comma-separated "
+                                      "names/regexes; all-linear for the bundled random-init demo")
     a("--seed", type=int, default=42)
     a("--tokenizer", default=None, help="tokenizer directory (default: the bundled data/tokenizer)")
     a("--from_lora", default=None, help="start from an existing adapter (.ckpt, MiniMind .pth, PEFT dir, ...)")
-    a("--add_system_ratio", type=float, default=0.2)
-    a("--empty_think_ratio", type=float, default=0.2)
+    a("--add_system_ratio", type=float, default=None, help="MiniMind's: prepend a random system prompt (default 0.2; demo 0)")
+    a("--empty_think_ratio", type=float, default=None, help="MiniMind's: keep the empty think block (default 0.2; demo 1)")
     a("--skip_bad_lines", action="store_true", help="skip (and count) malformed jsonl lines instead of failing")
     a("--pack", type=int, choices=(0, 1), default=1, help="1: pack samples into rows (fast); 0: MiniMind's padded rows")
     a("--labels_only", type=int, choices=(0, 1), default=1, help="1: vocab projection only at labelled positions")
@@ -104,13 +110,15 @@ def log(msg: str) -> None:
 def resolve_defaults(args, random_base: bool, bundled: bool) -> list[str]:
     demo = random_base and bundled
     notes = []
-    for k in ("epochs", "learning_rate", "batch_size"):
+    for k in REAL:
         if getattr(args, k) is None:
             setattr(args, k, (DEMO if demo else REAL)[k])
     if demo:
         notes.append(f"bundled demo defaults: epochs={args.epochs} batch_size={args.batch_size} "
-                     f"learning_rate={args.learning_rate:g} (higher than MiniMind's 1e-4, so a random base visibly "
-                     "learns the identity answers in minutes)")
+                     f"learning_rate={args.learning_rate:g} targets={args.targets} "
+                     f"add_system_ratio={args.add_system_ratio:g} empty_think_ratio={args.empty_think_ratio:g} "
+                     "(MiniMind's are 10 / 32 / 1e-4 / square / 0.2 / 0.2: a random base needs more to visibly learn "
+                     "the identity answers in minutes; pass any flag to override)")
     if args.dtype is None:
         import jax
 

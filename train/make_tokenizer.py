@@ -79,7 +79,14 @@ def tokenizer_config(template: str, tok: Tokenizer) -> dict:
 def train(out_dir: Path) -> Tokenizer:
     template = (DATA / "chat_template.jinja").read_text(encoding="utf-8").rstrip("\n")
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Every "\n" is its own pre-token, so no merge spans a newline run. Otherwise "\n\n" becomes one token at the
+    # end of a generation prompt ("</think>\n\n") but two tokens before text in training data ("\n", "\n我"),
+    # and a model fine-tuned on the latter starts its answers off-distribution. MiniMind's tokenizer has no
+    # "\n\n" token either.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split("\n", behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, show_progress=False, special_tokens=SPECIAL + NON_SPECIAL,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -105,6 +112,9 @@ def check(out_dir: Path) -> None:
     assert (t.pad_token_id, t.bos_token_id, t.eos_token_id) == (0, 1, 2)
     for i, s in enumerate(SPECIAL + NON_SPECIAL):
         assert t.encode(s) == [i], (s, t.encode(s))
+    prompt = t.encode(t.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True))
+    full = t.encode(t.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "我"}]))
+    assert full[:len(prompt)] == prompt, "generation prompt must tokenize as a prefix of the training text"
     n_chars = n_tokens = 0
     with open(DATA / "lora_identity.jsonl", encoding="utf-8") as f:
         for line in f:
