@@ -1,6 +1,7 @@
 """`.safetensors` <-> dicts of numpy arrays with the safetensors numpy API (no torch needed)."""
 from __future__ import annotations
 
+import os
 from typing import Mapping, Optional
 
 import numpy as np
@@ -28,3 +29,6 @@ def write_safetensors(path: PathLike, tensors: Mapping[str, np.ndarray], metadat
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     with atomic_path(path, overwrite) as tmp:
         save_file(arrays, str(tmp), metadata=meta or None)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files; give them the usual permissions

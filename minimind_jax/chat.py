@@ -161,6 +161,7 @@ def main(argv=None):
         prompts = read()
 
     conversation = []
+    first = True  # the first answer also pays for compilation
     for n, prompt in enumerate(prompts):
         seed = args.seed + n if args.seed is not None else random.randint(0, 31415926)
         if args.mode == 0:
@@ -184,8 +185,9 @@ def main(argv=None):
         response = printer.end()
         conversation.append({"role": "assistant", "content": response})
         if args.show_speed:
-            print(f"\n[Speed]: {count / (time.perf_counter() - start):.2f} tokens/s ({count} tokens, "
-                  "first call of a shape includes compilation)\n\n")
+            note = ", incl. compilation" if first else ""
+            first = False
+            print(f"\n[Speed]: {count / (time.perf_counter() - start):.2f} tokens/s ({count} tokens{note})\n\n")
         else:
             print("\n\n")
 
