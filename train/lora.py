@@ -41,7 +41,7 @@ PROMPTS = ("你是谁？", "Who are you?")
 # A random base has no language to build on, so the demo adapts every projection (MiniMind's square-kernel rule
 # leaves too little capacity to learn answers from scratch in minutes) and renders conversations exactly like the
 # generation prompt (no random system prompt, empty think block kept).
-DEMO = {"epochs": 10, "learning_rate": 4e-3, "batch_size": 2, "targets": "all-linear",
+DEMO = {"epochs": 10, "learning_rate": 4e-3, "batch_size": 1, "targets": "all-linear",
         "add_system_ratio": 0.0, "empty_think_ratio": 1.0}
 REAL = {"epochs": 10, "learning_rate": 1e-4, "batch_size": 32, "targets": "square",  # MiniMind's defaults
         "add_system_ratio": 0.2, "empty_think_ratio": 0.2}
