@@ -6,7 +6,7 @@ G = N/K queries per kv head, H head_dim, D hidden.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -19,23 +19,34 @@ NEG_PAD = -1e9
 QUERY_BLOCK = 128  # training/prefill rows longer than this attend block by block (causal skipping)  # MiniMind adds (1 - mask) * -1e9 for padding; the same constant keeps padded rows identical
 
 
-def attention_bias(q_pos, k_pos, attention_mask=None, q_seg=None, k_seg=None):
-    """Additive bias [B, 1, 1, T, S]: causal by absolute position, padding like MiniMind, segments kept apart.
+class AttentionMask(NamedTuple):
+    """Which keys each query may see, kept as a boolean (cheap to read, fused into the softmax), plus MiniMind's
+    additive padding term. allowed [B, 1, 1, T, S]; pad [B, 1, 1, 1, S] or None (broadcast over K, G)."""
+    allowed: jax.Array
+    pad: Optional[jax.Array] = None
 
-    q_pos [B, T], k_pos [B, S] absolute positions in the cache/sequence; attention_mask [B, S] of 1/0;
+    def block(self, q0: int, q1: int, s1: int) -> "AttentionMask":
+        pad = None if self.pad is None else self.pad[..., :s1]
+        return AttentionMask(self.allowed[..., q0:q1, :s1], pad)
+
+
+def attention_mask_for(q_pos, k_pos, attention_mask=None, q_seg=None, k_seg=None) -> AttentionMask:
+    """Causal by position index, padding like MiniMind ((1 - mask) * -1e9 added), segments kept apart.
+
+    q_pos [B, T], k_pos [B, S] token indices in the sequence/cache; attention_mask [B, S] of 1/0;
     q_seg [B, T] / k_seg [B, S] packed-sample ids (attention stays within a sample).
     """
     allowed = k_pos[:, None, :] <= q_pos[:, :, None]  # [B, T, S]
     if q_seg is not None:
         allowed &= q_seg[:, :, None] == k_seg[:, None, :]
-    bias = jnp.where(allowed, 0.0, -jnp.inf)
+    pad = None
     if attention_mask is not None:
-        bias = bias + (1.0 - attention_mask.astype(jnp.float32))[:, None, :] * NEG_PAD
-    return bias[:, None, None]  # broadcast over K, G
+        pad = ((1.0 - attention_mask.astype(jnp.float32)) * NEG_PAD)[:, None, None, None, :]
+    return AttentionMask(allowed[:, None, None], pad)
 
 
-def _attend(q, k, v, bias, dtype, dropout=None):
-    """q [B, T, K, G, H], k/v [B, S, K, H], bias [B, 1, 1, T, S] -> [B, T, K, G, H].
+def _attend(q, k, v, mask: AttentionMask, dtype, dropout=None):
+    """q [B, T, K, G, H], k/v [B, S, K, H] -> [B, T, K, G, H].
 
     Laid out as one batched matmul over B*K with G*T rows, the shape XLA:CPU's matmul kernels run fastest;
     kv heads are shared by their G query heads without being repeated in memory.
@@ -46,7 +57,10 @@ def _attend(q, k, v, bias, dtype, dropout=None):
     kb = k.transpose(0, 2, 3, 1).reshape(b * kh, h, s)
     vb = v.transpose(0, 2, 1, 3).reshape(b * kh, s, h)
     scores = jnp.matmul(qb, kb).reshape(b, kh, g, t, s) / math.sqrt(h)
-    probs = jax.nn.softmax(scores.astype(jnp.float32) + bias, axis=-1).astype(dtype)
+    scores = scores.astype(jnp.float32)
+    if mask.pad is not None:
+        scores = scores + mask.pad
+    probs = jax.nn.softmax(jnp.where(mask.allowed, scores, -jnp.inf), axis=-1).astype(dtype)
     if dropout is not None:
         probs = dropout(probs)
     out = jnp.matmul(probs.reshape(b * kh, g * t, s), vb).reshape(b, kh, g, t, h)
@@ -58,7 +72,7 @@ class Attention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, cos, sin, bias, cache: Optional[dict] = None, cache_index=None,
+    def __call__(self, x, cos, sin, mask: AttentionMask, cache: Optional[dict] = None, cache_index=None,
                  deterministic: bool = True):
         cfg = self.config
         b, t, _ = x.shape
@@ -88,10 +102,10 @@ class Attention(nn.Module):
             outs = []
             for s0 in range(0, t, QUERY_BLOCK):
                 e = min(t, s0 + QUERY_BLOCK)
-                outs.append(_attend(qg[:, s0:e], kx[:, :e], v[:, :e], bias[..., s0:e, :e], self.dtype, dropout))
+                outs.append(_attend(qg[:, s0:e], kx[:, :e], v[:, :e], mask.block(s0, e, e), self.dtype, dropout))
             out = jnp.concatenate(outs, axis=1)
         else:
-            out = _attend(qg, kx, v, bias, self.dtype, dropout)
+            out = _attend(qg, kx, v, mask, self.dtype, dropout)
         out = out.reshape(b, t, n * h)
         out = Linear(cfg.hidden_size, self.dtype, name="o_proj")(out)
         if cfg.dropout > 0:

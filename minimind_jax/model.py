@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .attention import Attention, attention_bias
+from .attention import Attention, attention_mask_for
 from .config import MiniMindConfig
 from .layers import MLP, Linear, RMSNorm, default_init, rope_cos_sin
 from .moe import MoEFeedForward
@@ -51,11 +51,11 @@ class Block(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, cos, sin, bias, cache=None, cache_index=None, deterministic=True):
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, deterministic=True):
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.family == "minimind2", name=name)
         h, new_cache = Attention(cfg, self.dtype, name="self_attn")(
-            norm("input_layernorm")(x), cos, sin, bias, cache, cache_index, deterministic)
+            norm("input_layernorm")(x), cos, sin, mask, cache, cache_index, deterministic)
         x = x + h
         hn = norm("post_attention_layernorm")(x)
         if cfg.use_moe:
@@ -86,12 +86,12 @@ class MiniMindModel(nn.Module):
         cos, sin = rope_cos_sin(self.config, positions)
         if cache is None:  # causal by token order; `positions` only drive RoPE (they restart in packed rows)
             idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-            bias = attention_bias(idx, idx, attention_mask, segment_ids, segment_ids)
+            mask = attention_mask_for(idx, idx, attention_mask, segment_ids, segment_ids)
         else:  # keys are cache slots 0..S-1; attention_mask, when given, covers all S slots
             s = cache["layers"][0]["k"].shape[1]
             k_idx = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
             q_idx = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
-            bias = attention_bias(q_idx, k_idx, attention_mask)
+            mask = attention_mask_for(q_idx, k_idx, attention_mask)
 
         x = self.embed_tokens(input_ids).astype(self.dtype)  # [B, T, D]
         if self.config.dropout > 0:
@@ -100,7 +100,7 @@ class MiniMindModel(nn.Module):
         new_layers = []
         for i, layer in enumerate(self.layers):
             layer_cache = cache["layers"][i] if cache is not None else None
-            x, c, aux = layer(x, cos, sin, bias, layer_cache, start, deterministic)
+            x, c, aux = layer(x, cos, sin, mask, layer_cache, start, deterministic)
             new_layers.append(c)
             aux_total = aux_total + aux
         new_cache = None if cache is None else {"layers": new_layers, "index": start + t}
