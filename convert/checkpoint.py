@@ -17,6 +17,8 @@ from typing import Any
 
 import jax
 
+from minimind_jax.config import read_json_object
+
 from .util import CheckpointError, PathLike, atomic_path, write_text_atomic
 
 ADAPTER_META = "adapter.json"
@@ -89,13 +91,9 @@ def save_adapter_ckpt(path: PathLike, weights, meta: dict, overwrite: bool = Fal
 
 def read_json(path: PathLike) -> dict:
     try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(d).__name__}")
-    return d
+        return read_json_object(path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
 
 
 def load_adapter_ckpt(path: PathLike) -> tuple[dict, Any]:

@@ -167,13 +167,7 @@ class MiniMindConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike, family: Optional[str] = None) -> "MiniMindConfig":
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
-        if not isinstance(d, dict):
-            raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
+        d = read_json_object(path)
         try:
             return cls.from_dict(d, family)
         except (TypeError, ValueError) as e:
@@ -200,6 +194,18 @@ class MiniMindConfig:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(self.to_dict(), f, indent=2, sort_keys=True)
         os.replace(tmp, path)
+
+
+def read_json_object(path: str | os.PathLike) -> dict:
+    """A JSON file holding one object; errors name the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
 
 
 def detect_family_from_config(d: dict[str, Any]) -> str:
