@@ -92,20 +92,26 @@ def test_step_loss_is_model_loss_plus_aux(cfg, tx):
     np.testing.assert_allclose(float(m["aux_loss"]), float(out.aux_loss), rtol=1e-6)
 
 
-def test_labels_only_projection_equals_full_logits(dense):
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_labels_only_projection_equals_full_logits(dense, groups):
+    """Projecting only the labelled positions (gathered per group of rows: 1 = the whole batch, 4 = per row)
+    gives the full-logits loss and gradients."""
     model, params, adapter = dense
     batch = _batch(3, b=4, t=40, prompt=20)
-    f = S.make_eval_loss(model)
-    arrays, cap, stats = S.prepare_batch(batch)
-    assert cap < 39 and arrays["input_ids"].shape[1] <= 40
-    full, _ = f(adapter, params, batch, cap=None)
+    f = jax.jit(lambda a, b, c: S.loss_fn(a, params, b, model=model, cap=c, groups=groups)[0], static_argnums=2)
+    arrays, cap, stats = S.prepare_batch(batch, groups=groups)
+    assert arrays["input_ids"].shape[1] <= 40
+    assert stats["need_cap"] <= cap < 4 * 39 // groups  # fewer positions than the full projection
+    full = f(adapter, batch, None)
     ref = model.apply({"params": params, "lora": lora.folded(adapter)}, batch["input_ids"], labels=batch["labels"]).loss
-    part, _ = f(adapter, params, arrays, cap=cap)
+    part = f(adapter, arrays, cap)
     np.testing.assert_allclose(float(full), float(ref), rtol=1e-6)
     np.testing.assert_allclose(float(part), float(ref), rtol=1e-6)
-    g = lambda b, c: jax.grad(lambda a: S.loss_fn(a, params, b, model=model, cap=c)[0])(adapter).weights
+    g = lambda b, c: jax.grad(lambda a: S.loss_fn(a, params, b, model=model, cap=c, groups=groups)[0])(adapter).weights
     for x, y in zip(jax.tree.leaves(g(batch, None)), jax.tree.leaves(g(arrays, cap))):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="label groups"):
+        S.prepare_batch(batch, groups=3)
 
 
 def test_packed_equals_padded_on_same_samples(dense, tmp_path):

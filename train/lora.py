@@ -327,7 +327,9 @@ def train(args) -> dict:
             log(f"[before] {q} -> {a!r}")
 
     trim = not config.use_moe  # MoE aux loss averages over every position: keep MiniMind's full length
-    prepare = lambda b: step_lib.prepare_batch(b, trim=trim, labels_only=bool(args.labels_only), pad_id=ds.pad_id)
+    # one label group per device: each device gathers and projects its own rows' labelled positions
+    prepare = lambda b: step_lib.prepare_batch(b, trim=trim, labels_only=bool(args.labels_only), pad_id=ds.pad_id,
+                                               groups=jax.local_device_count())
     positions = [(e, s) for e in range(epoch0, args.epochs) for s in range(step0 if e == epoch0 else 0, iters[e])]
     metrics = MetricsWriter(save_dir / f"{args.lora_name}_metrics.jsonl", resume_step=resumed_at,
                             tensorboard_dir=(save_dir / "tensorboard" / args.lora_name) if args.tensorboard else None,
@@ -427,7 +429,8 @@ def _train_step(model, tx, accumulation_steps, grad_clip, sharding):
     key = (model.config, str(model.dtype), accumulation_steps, grad_clip, tuple(d.id for d in sharding.mesh.devices.flat))
     if key not in _STEP_CACHE:
         _STEP_CACHE[key] = step_lib.make_train_step(model, tx, accumulation_steps=accumulation_steps,
-                                                    grad_clip=grad_clip, state_sharding=sharding)
+                                                    grad_clip=grad_clip, state_sharding=sharding,
+                                                    label_groups=sharding.mesh.devices.size)
     return _STEP_CACHE[key]
 
 

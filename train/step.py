@@ -10,8 +10,9 @@ argument of the step, so they hold no gradient and no optimizer state. The step 
   (betas 0.9/0.999, eps 1e-8, decoupled weight decay 0.01) with the learning rate of that micro-step;
 - lr = MiniMind's `get_lr(s, total, lr) = lr * (0.1 + 0.45 * (1 + cos(pi * s / total)))`, s counted from 1.
 
-Speed: the vocabulary projection is computed only at the positions whose shifted label is not -100: per row,
-the first `cap` such positions are gathered into a [B, cap, D] buffer (`cap` static, bucketed by
+Speed: the vocabulary projection is computed only at the positions whose shifted label is not -100: the rows
+are split into `groups` equal groups (one per data-parallel device, so the gather stays on the device) and the
+labelled positions of each group are gathered into a [groups, cap, D] buffer (`cap` static, bucketed by
 `prepare_batch`) before `lm_head`; `cap=None` is the MiniMind way (logits at every position). Sequences are cut
 after the last labelled token (bucketed too); with causal attention nothing after it can change the loss.
 
@@ -110,13 +111,14 @@ def bucket(n: int, hi: int, lo: int = 16) -> int:
     return min(size, hi)
 
 
-def prepare_batch(batch: dict, *, trim: bool = True, labels_only: bool = True, pad_id: Optional[int] = None) -> tuple[dict, Optional[int], dict]:
+def prepare_batch(batch: dict, *, trim: bool = True, labels_only: bool = True, pad_id: Optional[int] = None,
+                  groups: int = 1) -> tuple[dict, Optional[int], dict]:
     """Host side (numpy) shaping of one loader batch -> (arrays, label cap, stats).
 
     trim: cut every row after the last labelled token of the batch, to a bucketed length (exact for the loss of a
       causal model; NOT for a MoE aux loss, which averages over every position, so callers pass trim=False then).
-    labels_only: cap = max count of labelled (shifted) positions per row, rounded up to a power of 2 (>= 8, <= T-1);
-      False -> cap None (full logits).
+    labels_only: cap = the largest count of labelled (shifted) positions in any of `groups` equal groups of rows,
+      bucketed (16, 24, 32, 48, ...; at most the group's B/groups*(T-1) positions); False -> cap None (full logits).
     stats: {"tokens": non-padding tokens, "labelled": labelled tokens, "need_t", "need_cap"} (numpy ints).
     """
     labels = batch["labels"]
@@ -135,8 +137,11 @@ def prepare_batch(batch: dict, *, trim: bool = True, labels_only: bool = True, p
         tb = bucket(need_t, t)
         out = {k: v[:, :tb] for k, v in batch.items()}
         valid = valid[:, : tb - 1]
-    need_cap = int(valid.sum(1).max()) if b else 0
-    cap = min(max(8, 1 << (need_cap - 1).bit_length()), valid.shape[1]) if labels_only else None  # powers of 2
+    if b % groups:
+        raise ValueError(f"batch of {b} rows cannot be split into {groups} label groups")
+    per_group = valid.reshape(groups, -1)
+    need_cap = int(per_group.sum(1).max()) if b else 0
+    cap = bucket(need_cap, per_group.shape[1]) if labels_only else None
     stats = {"tokens": tokens, "labelled": int(valid.sum()), "need_t": need_t, "need_cap": need_cap}
     return out, cap, stats
 
@@ -144,36 +149,40 @@ def prepare_batch(batch: dict, *, trim: bool = True, labels_only: bool = True, p
 # ------------------------------------------------------------------------------------------- loss
 
 
-def labelled_cross_entropy(model, params, hidden, labels, cap: Optional[int]):
+def labelled_cross_entropy(model, params, hidden, labels, cap: Optional[int], groups: int = 1):
     """MiniMind's shifted CE (mean over labels != -100) from hidden states [B, T, D].
 
-    cap=None: logits at all B*(T-1) positions (MiniMind). cap=C: per row, the first C positions whose shifted
-    label is set are gathered into [B, C, D] and only those are projected to the vocabulary; C must be >= the
-    largest per-row count (prepare_batch guarantees it).
+    cap=None: logits at all B*(T-1) positions (MiniMind). cap=C: the rows are split into `groups` equal groups
+    (G), the first C labelled positions of each group are gathered into [G, C, D] and only those are projected
+    to the vocabulary; C must be >= the largest per-group count (prepare_batch guarantees it).
     """
     h, tgt = hidden[:, :-1], labels[:, 1:]
     valid = tgt != IGNORE  # [B, T-1]
     if cap is not None:
-        idx = jax.vmap(lambda v: jnp.nonzero(v, size=cap, fill_value=0)[0])(valid)  # [B, C]
-        keep = jnp.arange(cap)[None, :] < valid.sum(1, keepdims=True)  # [B, C]
-        h = jnp.take_along_axis(h, idx[..., None], axis=1)  # [B, C, D]
-        tgt = jnp.take_along_axis(tgt, idx, axis=1)
-        valid = keep
-    logits = model.apply({"params": params}, h, method="logits").astype(jnp.float32)  # [B, C or T-1, V]
+        n = valid.shape[0] * valid.shape[1] // groups
+        if cap < n:  # else every position is kept: nothing to gather
+            h, tgt, valid = h.reshape(groups, n, -1), tgt.reshape(groups, n), valid.reshape(groups, n)
+            idx = jax.vmap(lambda v: jnp.nonzero(v, size=cap, fill_value=0)[0])(valid)  # [G, C]
+            keep = jnp.arange(cap)[None, :] < valid.sum(1, keepdims=True)  # [G, C]
+            h = jnp.take_along_axis(h, idx[..., None], axis=1)  # [G, C, D]
+            tgt = jnp.take_along_axis(tgt, idx, axis=1)
+            valid = keep
+    logits = model.apply({"params": params}, h, method="logits").astype(jnp.float32)  # [B or G, T-1 or C, V]
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, jnp.where(valid, tgt, 0)[..., None], axis=-1)[..., 0]
     nll = jnp.where(valid, lse - picked, 0.0)
     return jnp.sum(nll) / jnp.maximum(jnp.sum(valid), 1)
 
 
-def loss_fn(adapter, params, batch: dict, *, model, cap: Optional[int], rng=None, deterministic: bool = False):
+def loss_fn(adapter, params, batch: dict, *, model, cap: Optional[int], rng=None, deterministic: bool = False,
+            groups: int = 1):
     """-> (ce + aux, (ce, aux)) for one micro-batch."""
     kw = {}
     if rng is not None and model.config.dropout > 0 and not deterministic:
         kw["rngs"] = {"dropout": rng}
     out = lora_lib.apply(model, params, adapter, batch["input_ids"], positions=batch.get("positions"),
                          segment_ids=batch.get("segment_ids"), deterministic=deterministic, logits_to_keep=1, **kw)
-    ce = labelled_cross_entropy(model, params, out.hidden_states, batch["labels"], cap)
+    ce = labelled_cross_entropy(model, params, out.hidden_states, batch["labels"], cap, groups)
     aux = out.aux_loss if out.aux_loss is not None else jnp.zeros((), jnp.float32)
     return ce + aux, (ce, aux)
 
@@ -181,18 +190,21 @@ def loss_fn(adapter, params, batch: dict, *, model, cap: Optional[int], rng=None
 # ------------------------------------------------------------------------------------------- step
 
 
-def make_train_step(model, tx, *, accumulation_steps: int = 1, grad_clip: float = 1.0, state_sharding=None):
+def make_train_step(model, tx, *, accumulation_steps: int = 1, grad_clip: float = 1.0, state_sharding=None,
+                    label_groups: int = 1):
     """-> step(state, params, batch, lr, *, cap, update) -> (state, metrics); jitted, `state` donated.
 
     `update` (static): apply the optimizer after adding this micro-batch's gradients (MiniMind: every
-    `accumulation_steps` micro-steps and at the end of an epoch). `cap` (static): see labelled_cross_entropy.
+    `accumulation_steps` micro-steps and at the end of an epoch). `cap` (static) and `label_groups` (the data
+    devices; prepare_batch's `groups`): see labelled_cross_entropy.
     metrics: {"loss": ce + aux, "aux_loss", "grad_norm" (last update's), "bad_step"} as device scalars.
     """
     acc = float(accumulation_steps)
 
     def step(state: TrainState, params, batch, lr, *, cap, update):
         rng = jax.random.fold_in(state.rng, state.micro)
-        grad_fn = jax.value_and_grad(lambda a: _scaled(loss_fn(a, params, batch, model=model, cap=cap, rng=rng), acc),
+        grad_fn = jax.value_and_grad(lambda a: _scaled(loss_fn(a, params, batch, model=model, cap=cap, rng=rng,
+                                                         groups=label_groups), acc),
                                      has_aux=True)
         (_, (ce, aux)), grads = grad_fn(state.adapter)
         loss = ce + aux
