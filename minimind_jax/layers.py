@@ -97,12 +97,16 @@ def rope_cos_sin(config: MiniMindConfig, positions):  # [B, T] int -> 2 x [B, T,
     return jnp.cos(angles) * attn_factor, jnp.sin(angles) * attn_factor
 
 
-def apply_rope(x, cos, sin):  # x [B, T, N, H], cos/sin [B, T, H]
-    """rotate_half convention (first half / second half), not interleaved pairs."""
+def apply_rope(x, cos, sin):  # x [B, T, N, H], cos/sin [B, T, H] (both halves equal)
+    """rotate_half convention (first half / second half), not interleaved pairs.
+
+    Written per half ([x1 c - x2 s, x2 c + x1 s]; bit-identical to x*cos + rotate_half(x)*sin) because
+    XLA:CPU fuses this form into one pass; the rotate_half concat cost ~6% of a packed LoRA train step.
+    """
     half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    return (x * cos + rotated * sin).astype(x.dtype)
+    c, s = cos[:, :, None, :half], sin[:, :, None, :half]
+    x1, x2 = x[..., :half], x[..., half:]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
 
 
 class MLP(nn.Module):
