@@ -36,6 +36,30 @@ def timed(fn, repeats):
     return statistics.median(times), out
 
 
+def matmul_chain_ms(params, config, rows: int, repeats: int = 50) -> float:
+    """Median ms of one decode step's weight matmuls only, in the model's order, for `rows` tokens (dense models)."""
+    layers = [params["model"][f"layers_{i}"] for i in range(config.num_hidden_layers)]
+    head = params["lm_head"]["kernel"] if "lm_head" in params else params["model"]["embed_tokens"]["embedding"].T
+
+    @jax.jit
+    def chain(layers, head, x):  # x [rows, D]
+        for p in layers:
+            a, m = p["self_attn"], p["mlp"]
+            q, k, v = (x @ a[n]["kernel"] for n in ("q_proj", "k_proj", "v_proj"))
+            x = x + (q + 0 * (k.sum() + v.sum())) @ a["o_proj"]["kernel"]  # q stands in for the attention output
+            x = x + (jax.nn.silu(x @ m["gate_proj"]["kernel"]) * (x @ m["up_proj"]["kernel"])) @ m["down_proj"]["kernel"]
+        return x @ head
+
+    x = jnp.full((rows, config.hidden_size), 0.01, jnp.float32)
+    chain(layers, head, x).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        chain(layers, head, x).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden_size", type=int, default=512)
@@ -48,6 +72,8 @@ def main(argv=None):
     ap.add_argument("--adapters", type=int, default=4, help="adapters mixed over the largest batch (0: skip)")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--greedy", action="store_true", help="argmax instead of MiniMind's default sampling")
+    ap.add_argument("--floor", type=int, default=1, choices=(0, 1),
+                    help="also time the weight matmuls of one step alone (the batching bound)")
     args = ap.parse_args(argv)
 
     config = MiniMindConfig(family=args.family, hidden_size=args.hidden_size,
@@ -72,6 +98,20 @@ def main(argv=None):
         print(f"batch {b:3d}: {sec * 1e3:8.1f} ms per call, {tps:9.1f} tokens/s")
     if len(batches) > 1 and f"tokens_per_s_b{batches[0]}" in result:
         result["batch_speedup"] = round(result[f"tokens_per_s_b{batches[-1]}"] / result[f"tokens_per_s_b{batches[0]}"], 2)
+
+    if len(batches) > 1 and not config.use_moe and args.floor:
+        # The weight matmuls of one decode step alone (no attention, norms or sampling) take floor_ms at the
+        # largest batch, so that batch cannot make more than batch / floor_ms tokens per ms on this machine's
+        # matmul kernels: divided by the measured batch-1 tokens/s, that bounds the batching speedup.
+        b0, b1 = batches[0], batches[-1]
+        floor = {bb: matmul_chain_ms(params, config, bb) for bb in (b0, b1)}
+        cap_tps = b1 * 1e3 / floor[b1]
+        bound = cap_tps / result[f"tokens_per_s_b{b0}"]
+        print(f"weight matmuls of one step alone: batch {b0} {floor[b0]:.2f} ms, batch {b1} {floor[b1]:.2f} ms "
+              f"-> batch {b1} cannot exceed {cap_tps:.0f} tokens/s = {bound:.1f}x the measured batch {b0} "
+              f"(attention, norms and sampling free)")
+        result.update({"matmul_chain_ms": {str(k): round(v, 3) for k, v in floor.items()},
+                       "batch_speedup_bound": round(bound, 2)})
 
     if args.adapters > 0:
         b = batches[-1]
