@@ -273,10 +273,12 @@ def _decode(params, lora_vars, state, limit, knobs, *, config, dtype, static):
 
 
 @jax.jit
-def _grow(state, extra_ids, extra_kv):
-    """Append slots to a decode state's cache (new slots: mask 1, zeros)."""
-    pad = lambda x, e: jnp.concatenate([x, e.astype(x.dtype)], axis=1)
-    layers = [{"k": pad(l["k"], extra_kv), "v": pad(l["v"], extra_kv)} for l in state["cache"]["layers"]]
+def _grow(state, extra_ids):
+    """Append extra_ids.shape[1] slots to a decode state's cache (new slots: mask 1, zeros)."""
+    def pad(x, e=None, axis=1):  # zeros (or e) appended along the slot axis
+        shape = x.shape[:axis] + (extra_ids.shape[1],) + x.shape[axis + 1:]
+        return jnp.concatenate([x, jnp.zeros(shape, x.dtype) if e is None else e.astype(x.dtype)], axis=axis)
+    layers = [{"k": pad(l["k"], axis=2), "v": pad(l["v"], axis=1)} for l in state["cache"]["layers"]]
     return {**state, "ids": pad(state["ids"], extra_ids), "mask": pad(state["mask"], jnp.ones_like(extra_ids)),
             "cache": {**state["cache"], "layers": layers}}
 
@@ -396,9 +398,7 @@ def generate_stream(params, config: MiniMindConfig, input_ids, *, max_new_tokens
     while done < max_new_tokens and not (prep.static.has_eos and bool(jnp.all(state["finished"]))):
         if pos == cache_len:  # full: double the new-token room
             b, extra = prep.prompt.shape[0], cache_len - tb
-            k0 = state["cache"]["layers"][0]["k"]
-            kv = jnp.zeros((b, extra) + k0.shape[2:], k0.dtype)
-            state = _grow(state, jnp.zeros((b, extra), jnp.int32), kv)
+            state = _grow(state, jnp.zeros((b, extra), jnp.int32))
             cache_len += extra
         n = min(chunk, max_new_tokens - done, cache_len - pos)
         state = _decode(prep.params, prep.lora_vars, state, jnp.int32(done + n), prep.knobs, **kw)

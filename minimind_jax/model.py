@@ -30,11 +30,23 @@ class CausalLMOutput(NamedTuple):
 
 
 def init_cache(config: MiniMindConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
-    """An empty KV cache: per layer k/v [B, S, K, H] (k after RoPE, before repeating heads); `index` = filled length."""
-    shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
-    return {"layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    """An empty KV cache: per layer k [B*K, H, S] and v [B*K, S, H] (k after RoPE, kv heads not repeated), the
+    layout attention's matmuls read, so decoding never copies the cache; `index` = filled length.
+    `cache_as_minimind` gives MiniMind's past_key_values layout [B, S, K, H]."""
+    bk, h = batch * config.num_key_value_heads, config.head_dim
+    return {"layers": [{"k": jnp.zeros((bk, h, max_len), dtype), "v": jnp.zeros((bk, max_len, h), dtype)}
                        for _ in range(config.num_hidden_layers)],
             "index": jnp.zeros((), jnp.int32)}
+
+
+def cache_as_minimind(cache: dict, batch: int) -> list:
+    """-> [(k, v)] per layer, each [B, S, K, H] as MiniMind's past_key_values hold them."""
+    out = []
+    for layer in cache["layers"]:
+        k, v = layer["k"], layer["v"]  # [B*K, H, S], [B*K, S, H]
+        kh, h, s = k.shape[0] // batch, k.shape[1], k.shape[2]
+        out.append((k.reshape(batch, kh, h, s).transpose(0, 3, 1, 2), v.reshape(batch, kh, s, h).transpose(0, 2, 1, 3)))
+    return out
 
 
 def cross_entropy(logits, labels, ignore_index: int = -100):
@@ -88,7 +100,7 @@ class MiniMindModel(nn.Module):
             idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
             mask = attention_mask_for(idx, idx, attention_mask, segment_ids, segment_ids)
         else:  # keys are cache slots 0..S-1; attention_mask, when given, covers all S slots
-            s = cache["layers"][0]["k"].shape[1]
+            s = cache["layers"][0]["k"].shape[-1]
             k_idx = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
             q_idx = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
             mask = attention_mask_for(q_idx, k_idx, attention_mask)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import fixture_dir
-from minimind_jax import MiniMindConfig, MiniMindForCausalLM, init_cache
+from minimind_jax import MiniMindConfig, MiniMindForCausalLM, cache_as_minimind, init_cache
 from minimind_jax.layers import rope_inv_freq
 
 CASES = ["v2_tiny", "v3_tiny"]
@@ -78,8 +78,8 @@ def test_kv_cache_steps_match_pytorch(case):
         logits.append(out.logits)
         cache = out.cache
     chex.assert_trees_all_close(np.concatenate(logits, 1), exp["logits_step"], atol=1e-5, rtol=0)
-    k = np.stack([np.asarray(layer["k"]) for layer in cache["layers"]])
-    v = np.stack([np.asarray(layer["v"]) for layer in cache["layers"]])
+    kv = cache_as_minimind(cache, 2)  # MiniMind's [B, S, K, H]
+    k, v = np.stack([np.asarray(k) for k, _ in kv]), np.stack([np.asarray(v) for _, v in kv])
     chex.assert_trees_all_close((k, v), (exp["kv_cache_k"], exp["kv_cache_v"]), atol=1e-5, rtol=0)
     assert int(cache["index"]) == 16
 
