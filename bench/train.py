@@ -2,6 +2,11 @@
 
     PYTHONPATH=. python bench/train.py                 # the real measurement (minutes on a 2-core CPU)
     PYTHONPATH=. python bench/train.py --smoke         # tiny sizes, seconds: checks the script runs
+    PYTHONPATH=. python bench/train.py --modes 2 --torch_step_ms 2500   # mode 2 only, with PyTorch's B8xT340 step
+
+`--torch_step_ms`: PyTorch MiniMind's step time at sft_batch x max_seq_len, timed in the same sitting with
+`../shared/bench/torch_minimind_bench.py --batch 8 --seq 340`; mode 2 then prints PyTorch's epoch time (its 32
+padded steps) and our ratio to it, the figure the issue's target is about.
 
 Two modes, printed side by side:
  1. equal work: every position real and labelled, B x T (default 4 x 256); tokens/s = B*T / step time. Compare
@@ -120,6 +125,10 @@ def main(argv=None):
                    help="mode 2 sample lengths: log-uniform (short-skewed, like real SFT data) or uniform")
     p.add_argument("--max_seq_len", type=int, default=340)
     p.add_argument("--sft_batch", type=int, default=8, help="mode 2 rows per step (both ways)")
+    p.add_argument("--modes", default="1,2", help="which modes to run: 1, 2 or 1,2")
+    p.add_argument("--torch_step_ms", type=float, default=None,
+                   help="PyTorch MiniMind's step time for sft_batch x max_seq_len (../shared/bench, same sitting): "
+                        "mode 2 then also prints its epoch time (steps x this) and our ratio to it")
     p.add_argument("--smoke", action="store_true", help="tiny sizes for a quick check")
     args = p.parse_args(argv)
     if args.smoke:
@@ -135,12 +144,45 @@ def main(argv=None):
     step = S.make_train_step(model, tx)
     rss0 = peak_rss_mb()
 
-    # ---- mode 1: equal work
+    modes = {int(m) for m in args.modes.split(",") if m}
+    if not modes or modes - {1, 2}:
+        p.error(f"--modes takes 1, 2 or 1,2, got {args.modes!r}")
+    state = S.init_state(adapter, tx)
+    mode1 = mode2 = None
+    print(f"model {cfg.hidden_size}x{cfg.num_hidden_layers} rank {args.rank} {args.dtype} on {jax.devices()[0].platform} "
+          f"x{jax.device_count()}")
+    print(f"{'':34s}{'MiniMind way':>16s}{'ours':>16s}")
+    if 1 in modes:
+        mode1, state = equal_work(step, state, params, cfg, args)
+        print(f"{'(1) equal work B%dxT%d tokens/s' % (args.batch, args.seq):34s}{'':>16s}{mode1['tokens_per_s']:16.0f}")
+        print(f"{'(1) step time s':34s}{'':>16s}{mode1['step_s']:16.3f}")
+    if 2 in modes:
+        mode2, state = sft_epoch(step, state, params, cfg, args)
+        mm, ours = mode2["minimind_way"], mode2["ours"]
+        print(f"{'(2) epoch wall s (%d samples)' % args.samples:34s}{mm['epoch_s']:16.2f}{ours['epoch_s']:16.2f}")
+        print(f"{'(2) steps per epoch':34s}{mm['steps']:16d}{ours['steps']:16d}")
+        print(f"{'(2) real tokens/s':34s}{mm['real_tokens_per_s']:16.0f}{ours['real_tokens_per_s']:16.0f}")
+        print(f"{'(2) compile s (distinct shapes)':34s}{mm['compile_s']:11.1f} ({mm['shapes']}){ours['compile_s']:11.1f} "
+              f"({ours['shapes']})")
+        print(f"(2) speedup: {mode2['speedup']:.2f}x less wall time per epoch")
+        if args.torch_step_ms:
+            torch_epoch = mm["steps"] * args.torch_step_ms / 1e3
+            mode2["pytorch_minimind"] = {"step_ms": args.torch_step_ms, "epoch_s": torch_epoch,
+                                         "ratio": torch_epoch / ours["epoch_s"]}
+            print(f"(2) PyTorch MiniMind: {mm['steps']} steps x {args.torch_step_ms:.0f} ms = {torch_epoch:.1f} s "
+                  f"-> ours {torch_epoch / ours['epoch_s']:.2f}x less wall time")
+    print(f"peak RSS {peak_rss_mb():.0f} MB (after setup {rss0:.0f} MB)")
+    result = {"mode1": mode1, "mode2": mode2, "peak_rss_mb": peak_rss_mb(), "config": vars(args)}
+    print("RESULT " + json.dumps(result))
+    return result
+
+
+def equal_work(step, state, params, cfg, args):
+    """Mode 1: B x T, every position real and labelled."""
     rng = np.random.default_rng(0)
     ids = rng.integers(3, cfg.vocab_size, (args.batch, args.seq)).astype(np.int32)
     batch = {"input_ids": ids, "labels": ids.copy()}
     arrays, cap, _ = S.prepare_batch(batch)
-    state = S.init_state(adapter, tx)
     t0 = time.perf_counter()
     step.lower(state, params, arrays, 1e-4, cap=cap, update=True).compile()
     compile1 = time.perf_counter() - t0
@@ -153,8 +195,11 @@ def main(argv=None):
     step_s = (time.perf_counter() - t0) / args.steps
     mode1 = {"batch": args.batch, "seq": args.seq, "step_s": step_s, "tokens_per_s": args.batch * args.seq / step_s,
              "compile_s": compile1}
+    return mode1, state
 
-    # ---- mode 2: real SFT work, one epoch
+
+def sft_epoch(step, state, params, cfg, args):
+    """Mode 2: one epoch of synthetic chats, MiniMind's padded way vs packed + labels-only."""
     samples = synthetic_samples(args.samples, args.min_len, args.max_seq_len, cfg.vocab_size, dist=args.length_dist)
     real_tokens = int(sum(len(x) for x, _ in samples))
     mm = [S.prepare_batch(b, trim=False, labels_only=False)[:2] for b in padded_batches(samples, args.sft_batch, args.max_seq_len)]
@@ -167,21 +212,7 @@ def main(argv=None):
              "ours": {"steps": len(ours), "epoch_s": our_s, "compile_s": our_c, "shapes": our_shapes,
                       "real_tokens_per_s": real_tokens / our_s},
              "speedup": mm_s / our_s}
-
-    print(f"model {cfg.hidden_size}x{cfg.num_hidden_layers} rank {args.rank} {args.dtype} on {jax.devices()[0].platform} "
-          f"x{jax.device_count()}")
-    print(f"{'':34s}{'MiniMind way':>16s}{'ours':>16s}")
-    print(f"{'(1) equal work B%dxT%d tokens/s' % (args.batch, args.seq):34s}{'':>16s}{mode1['tokens_per_s']:16.0f}")
-    print(f"{'(1) step time s':34s}{'':>16s}{mode1['step_s']:16.3f}")
-    print(f"{'(2) epoch wall s (%d samples)' % args.samples:34s}{mm_s:16.2f}{our_s:16.2f}")
-    print(f"{'(2) steps per epoch':34s}{len(mm):16d}{len(ours):16d}")
-    print(f"{'(2) real tokens/s':34s}{real_tokens / mm_s:16.0f}{real_tokens / our_s:16.0f}")
-    print(f"{'(2) compile s (distinct shapes)':34s}{mm_c:11.1f} ({mm_shapes}){our_c:11.1f} ({our_shapes})")
-    print(f"(2) speedup: {mode2['speedup']:.2f}x less wall time per epoch; peak RSS {peak_rss_mb():.0f} MB "
-          f"(after setup {rss0:.0f} MB)")
-    result = {"mode1": mode1, "mode2": mode2, "peak_rss_mb": peak_rss_mb(), "config": vars(args)}
-    print("RESULT " + json.dumps(result))
-    return result
+    return mode2, state
 
 
 if __name__ == "__main__":
