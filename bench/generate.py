@@ -51,13 +51,8 @@ def matmul_chain_ms(params, config, rows: int, repeats: int = 50) -> float:
         return x @ head
 
     x = jnp.full((rows, config.hidden_size), 0.01, jnp.float32)
-    chain(layers, head, x).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        chain(layers, head, x).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+    sec, _ = timed(lambda: chain(layers, head, x).block_until_ready(), repeats)
+    return sec * 1e3
 
 
 def main(argv=None):

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 from .config import MiniMindConfig
 from .layers import Linear, RMSNorm, apply_rope
 
-NEG_PAD = -1e9
-QUERY_BLOCK = 128  # training/prefill rows longer than this attend block by block (causal skipping)  # MiniMind adds (1 - mask) * -1e9 for padding; the same constant keeps padded rows identical
+NEG_PAD = -1e9  # MiniMind adds (1 - mask) * -1e9 for padding; the same constant keeps padded rows identical
+QUERY_BLOCK = 128  # rows longer than this (training, no cache) attend block by block (causal skipping)
 
 
 class AttentionMask(NamedTuple):
@@ -45,8 +45,14 @@ def attention_mask_for(q_pos, k_pos, attention_mask=None, q_seg=None, k_seg=None
     return AttentionMask(allowed[:, None, None], pad)
 
 
-def _attend(q, k, v, mask: AttentionMask, dtype, dropout=None):
-    """q [B, T, K, G, H], k/v [B, S, K, H] (or a cache's k [B*K, H, S] / v [B*K, S, H]) -> [B, T, K, G, H].
+def heads_major(k, v):
+    """k/v [B, S, K, H] -> k [B*K, H, S], v [B*K, S, H]: the operands of _attend's matmuls, and the KV-cache layout."""
+    b, s, kh, h = k.shape
+    return k.transpose(0, 2, 3, 1).reshape(b * kh, h, s), v.transpose(0, 2, 1, 3).reshape(b * kh, s, h)
+
+
+def _attend(q, kb, vb, mask: AttentionMask, dtype, dropout=None):
+    """q [B, T, K, G, H], kb [B*K, H, S], vb [B*K, S, H] (see heads_major) -> [B, T, K, G, H].
 
     Laid out as one batched matmul over B*K with G*T rows, the shape XLA:CPU's matmul kernels run fastest;
     kv heads are shared by their G query heads without being repeated in memory. The softmax is left
@@ -54,13 +60,8 @@ def _attend(q, k, v, mask: AttentionMask, dtype, dropout=None):
     with one pass less over the [T, S] scores and a simpler backward (fwd+bwd ~20-25% faster at T=340 on CPU).
     """
     b, t, kh, g, h = q.shape
+    s = kb.shape[-1]
     qb = q.transpose(0, 2, 3, 1, 4).reshape(b * kh, g * t, h)
-    if k.ndim == 3:  # a cache, already [B*K, H, S] / [B*K, S, H]
-        kb, vb, s = k, v, k.shape[-1]
-    else:
-        s = k.shape[1]
-        kb = k.transpose(0, 2, 3, 1).reshape(b * kh, h, s)
-        vb = v.transpose(0, 2, 1, 3).reshape(b * kh, s, h)
     scores = (jnp.matmul(qb, kb).reshape(b, kh, g, t, s) / math.sqrt(h)).astype(jnp.float32)
     if mask.pad is not None:
         scores = scores + mask.pad
@@ -91,32 +92,30 @@ class Attention(nn.Module):
             kx = RMSNorm(cfg.rms_norm_eps, name="k_norm")(kx)
         q, kx = apply_rope(q, cos, sin), apply_rope(kx, cos, sin)
 
-        new_cache = None
-        if cache is not None:
-            # The cache is kept as k [B*K, H, S], v [B*K, S, H], the operands of _attend's matmuls, so a decode
-            # step reads it in place; a [B, S, K, H] cache was transposed (copied) twice per layer and step.
-            dt = cache["k"].dtype
-            kn = kx.transpose(0, 2, 3, 1).reshape(b * k, h, t).astype(dt)
-            vn = v.transpose(0, 2, 1, 3).reshape(b * k, t, h).astype(dt)
-            ck = jax.lax.dynamic_update_slice(cache["k"], kn, (0, 0, cache_index))
-            cv = jax.lax.dynamic_update_slice(cache["v"], vn, (0, cache_index, 0))
-            new_cache = {"k": ck, "v": cv}
-            kx, v = ck.astype(self.dtype), cv.astype(self.dtype)
-
         qg = q.reshape(b, t, k, n // k, h)  # query head = kv_head * G + g, as MiniMind's repeat_kv
         dropout = None
         if cfg.dropout > 0 and not deterministic:
             dropout = lambda p: nn.Dropout(cfg.dropout)(p, deterministic=False)
-        if cache is None and t > QUERY_BLOCK:
+        new_cache = None
+        if cache is not None:
+            # The cache is kept in heads_major layout, the operands of _attend's matmuls, so a decode step reads
+            # it in place; a [B, S, K, H] cache was transposed (copied) twice per layer and step.
+            kn, vn = heads_major(kx, v)
+            new_cache = {"k": jax.lax.dynamic_update_slice(cache["k"], kn.astype(cache["k"].dtype), (0, 0, cache_index)),
+                         "v": jax.lax.dynamic_update_slice(cache["v"], vn.astype(cache["v"].dtype), (0, cache_index, 0))}
+            out = _attend(qg, new_cache["k"].astype(self.dtype), new_cache["v"].astype(self.dtype), mask, self.dtype,
+                          dropout)
+        elif t > QUERY_BLOCK:
             # Causal: query block [s0, e) sees keys [0, e) only; skipping the rest is exact (they get weight 0)
             # and saves about half the attention work on long training rows.
             outs = []
             for s0 in range(0, t, QUERY_BLOCK):
                 e = min(t, s0 + QUERY_BLOCK)
-                outs.append(_attend(qg[:, s0:e], kx[:, :e], v[:, :e], mask.block(s0, e, e), self.dtype, dropout))
+                outs.append(_attend(qg[:, s0:e], *heads_major(kx[:, :e], v[:, :e]), mask.block(s0, e, e), self.dtype,
+                                    dropout))
             out = jnp.concatenate(outs, axis=1)
         else:
-            out = _attend(qg, kx, v, mask, self.dtype, dropout)
+            out = _attend(qg, *heads_major(kx, v), mask, self.dtype, dropout)
         out = out.reshape(b, t, n * h)
         out = Linear(cfg.hidden_size, self.dtype, name="o_proj")(out)
         if cfg.dropout > 0:

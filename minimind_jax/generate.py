@@ -339,6 +339,15 @@ def _prepare(params, config, input_ids, attention_mask, *, do_sample, temperatur
     return _Prepared(params, lora_vars, jnp.asarray(prompt), jnp.asarray(prompt_mask), t, knobs, static, ids.dtype)
 
 
+def _start(prep: _Prepared, config, dtype, seed, new_slots: int):
+    """Prefill into a cache of bucket(T) + new_slots slots -> (decode state, the static kwargs of _decode)."""
+    key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
+    kw = dict(config=config, dtype=dtype, static=prep.static)
+    state = _prefill(prep.params, prep.lora_vars, prep.prompt, prep.prompt_mask, prep.length, key, prep.knobs,
+                     cache_len=prep.prompt.shape[1] + new_slots, **kw)
+    return state, kw
+
+
 def generate(params, config: MiniMindConfig, input_ids, *, max_new_tokens: int, do_sample: bool = True,
              temperature: float = 0.85, top_p: float = 0.85, top_k: int = 50, repetition_penalty: float = 1.0,
              eos_token_id: Optional[int] = 2, attention_mask=None, seed: Union[int, jax.Array] = 0,
@@ -357,12 +366,7 @@ def generate(params, config: MiniMindConfig, input_ids, *, max_new_tokens: int, 
                     adapters=adapters, adapter_ids=adapter_ids, bucket=bucket)
     if max_new_tokens == 0:
         return np.array(input_ids)
-    tb = prep.prompt.shape[1]
-    cache_len = tb + (bucket_length(max_new_tokens) if bucket else max_new_tokens)
-    key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
-    kw = dict(config=config, dtype=dtype, static=prep.static)
-    state = _prefill(prep.params, prep.lora_vars, prep.prompt, prep.prompt_mask, prep.length, key, prep.knobs,
-                     cache_len=cache_len, **kw)
+    state, kw = _start(prep, config, dtype, seed, bucket_length(max_new_tokens) if bucket else max_new_tokens)
     state = _decode(prep.params, prep.lora_vars, state, jnp.int32(max_new_tokens), prep.knobs, **kw)
     pos = int(state["pos"])
     return np.asarray(state["ids"][:, :pos]).astype(prep.out_dtype)
@@ -389,10 +393,7 @@ def generate_stream(params, config: MiniMindConfig, input_ids, *, max_new_tokens
         return
     tb = prep.prompt.shape[1]
     cache_len = tb + bucket_length(min(max_new_tokens, initial_new))
-    key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
-    kw = dict(config=config, dtype=dtype, static=prep.static)
-    state = _prefill(prep.params, prep.lora_vars, prep.prompt, prep.prompt_mask, prep.length, key, prep.knobs,
-                     cache_len=cache_len, **kw)
+    state, kw = _start(prep, config, dtype, seed, cache_len - tb)
     done, pos = 1, prep.length + 1
     yield np.asarray(state["ids"][:, pos - 1:pos]).astype(prep.out_dtype)
     while done < max_new_tokens and not (prep.static.has_eos and bool(jnp.all(state["finished"]))):

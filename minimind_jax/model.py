@@ -30,8 +30,9 @@ class CausalLMOutput(NamedTuple):
 
 
 def init_cache(config: MiniMindConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
-    """An empty KV cache: per layer k [B*K, H, S] and v [B*K, S, H] (k after RoPE, kv heads not repeated), the
-    layout attention's matmuls read, so decoding never copies the cache; `index` = filled length.
+    """An empty KV cache: per layer k [B*K, H, S] and v [B*K, S, H] (attention.heads_major: k after RoPE, kv heads
+    not repeated, laid out as attention's matmuls read them, so decoding never copies the cache); `index` = filled
+    length.
     `cache_as_minimind` gives MiniMind's past_key_values layout [B, S, K, H]."""
     bk, h = batch * config.num_key_value_heads, config.head_dim
     return {"layers": [{"k": jnp.zeros((bk, h, max_len), dtype), "v": jnp.zeros((bk, max_len, h), dtype)}

@@ -92,8 +92,10 @@ class TrainState:
 
 
 def init_state(adapter: lora_lib.Adapter, tx, seed: int = 42) -> TrainState:
-    adapter = adapter.replace(weights=jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), adapter.weights))  # the step donates the state: never alias the caller's arrays
-    return TrainState(adapter=adapter, opt_state=tx.init(adapter.weights), grad_acc=jax.tree.map(jnp.zeros_like, adapter.weights),
+    # the step donates the state: never alias the caller's arrays
+    adapter = adapter.replace(weights=jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), adapter.weights))
+    return TrainState(adapter=adapter, opt_state=tx.init(adapter.weights),
+                      grad_acc=jax.tree.map(jnp.zeros_like, adapter.weights),
                       micro=jnp.zeros((), jnp.int32), updates=jnp.zeros((), jnp.int32),
                       grad_norm=jnp.zeros((), jnp.float32), bad_step=jnp.full((), -1, jnp.int32),
                       rng=jax.random.PRNGKey(seed))
@@ -140,7 +142,7 @@ def prepare_batch(batch: dict, *, trim: bool = True, labels_only: bool = True, p
     if b % groups:
         raise ValueError(f"batch of {b} rows cannot be split into {groups} label groups")
     per_group = valid.reshape(groups, -1)
-    need_cap = int(per_group.sum(1).max()) if b else 0
+    need_cap = int(per_group.sum(1).max())
     cap = bucket(need_cap, per_group.shape[1]) if labels_only else None
     stats = {"tokens": tokens, "labelled": int(valid.sum()), "need_t": need_t, "need_cap": need_cap}
     return out, cap, stats
