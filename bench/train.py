@@ -15,13 +15,16 @@ Two modes, printed side by side:
     answer labelled); one epoch the MiniMind way (every sample padded to max_seq_len, logits at every position)
     vs ours (samples packed into rows of max_seq_len, rows cut after the last label, vocab projection only at
     labelled positions). Target: >= 3x less wall time per epoch.
-Compilation is timed separately (every distinct shape is compiled before the timed epoch).
-Prints a final `RESULT {json}` line.
+Compilation is timed separately (every distinct shape is compiled before the timed epoch). The step runs as
+`python -m train.lora` runs it: data parallel over the CPU split into devices (`--cpu_devices`, default one per
+core dividing both batches; 1 = a single device). Mode 1's step time is the median over --steps, as
+../shared/bench reports PyTorch's. Prints a final `RESULT {json}` line.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import sys
 import time
@@ -35,7 +38,7 @@ import numpy as np
 
 import lora
 from minimind_jax import MiniMindConfig, MiniMindForCausalLM
-from train import step as S
+from train import sharding as SH, step as S
 from train.data import pack_rows
 
 
@@ -92,7 +95,7 @@ def packed_batches(samples, batch: int, seq: int):
 
 
 def run_epoch(step, state, params, batches, lr=1e-4):
-    """Compile every distinct shape first (timed), then time the epoch."""
+    """Compile every distinct shape first (timed), then time the epoch. batches: [(device arrays, cap)]."""
     shapes = {}
     for arrays, cap in batches:
         shapes.setdefault((tuple(arrays["input_ids"].shape), cap, tuple(sorted(arrays))), (arrays, cap))
@@ -129,35 +132,43 @@ def main(argv=None):
     p.add_argument("--torch_step_ms", type=float, default=None,
                    help="PyTorch MiniMind's step time for sft_batch x max_seq_len (../shared/bench, same sitting): "
                         "mode 2 then also prints its epoch time (steps x this) and our ratio to it")
+    p.add_argument("--cpu_devices", type=int, default=0,
+                   help="split the CPU into this many data-parallel devices, as train.lora does (0 = one per core "
+                        "dividing --batch and --sft_batch; 1 = one device)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes for a quick check")
     args = p.parse_args(argv)
     if args.smoke:
         args.hidden_size, args.num_hidden_layers, args.batch, args.seq, args.steps = 32, 1, 2, 32, 2
         args.samples, args.max_seq_len, args.min_len, args.sft_batch = 24, 48, 6, 4
 
+    SH.configure_cpu_devices(args.cpu_devices, math.gcd(args.batch, args.sft_batch))  # before JAX starts
+    mesh = SH.make_mesh()
+    SH.check_batch_size(math.gcd(args.batch, args.sft_batch), mesh)
     cfg = MiniMindConfig.minimind2_small(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     model = MiniMindForCausalLM(cfg, dtype=dtype)
     params = jax.jit(lambda k: MiniMindForCausalLM(cfg).init(k, jnp.zeros((1, 8), jnp.int32))["params"])(jax.random.PRNGKey(0))
     adapter = lora.init(params, jax.random.PRNGKey(1), rank=args.rank)
     tx = S.make_optimizer()
-    step = S.make_train_step(model, tx)
+    rep = SH.replicated(mesh)
+    step = S.make_train_step(model, tx, state_sharding=rep, label_groups=mesh.devices.size)
+    params = SH.replicate(params, mesh)
     rss0 = peak_rss_mb()
 
     modes = {int(m) for m in args.modes.split(",") if m}
     if not modes or modes - {1, 2}:
         p.error(f"--modes takes 1, 2 or 1,2, got {args.modes!r}")
-    state = S.init_state(adapter, tx)
+    state = SH.replicate(S.init_state(adapter, tx), mesh)
     mode1 = mode2 = None
     print(f"model {cfg.hidden_size}x{cfg.num_hidden_layers} rank {args.rank} {args.dtype} on {jax.devices()[0].platform} "
-          f"x{jax.device_count()}")
+          f"x{mesh.devices.size} (data parallel)")
     print(f"{'':34s}{'MiniMind way':>16s}{'ours':>16s}")
     if 1 in modes:
-        mode1, state = equal_work(step, state, params, cfg, args)
+        mode1, state = equal_work(step, state, params, cfg, args, mesh)
         print(f"{'(1) equal work B%dxT%d tokens/s' % (args.batch, args.seq):34s}{'':>16s}{mode1['tokens_per_s']:16.0f}")
         print(f"{'(1) step time s':34s}{'':>16s}{mode1['step_s']:16.3f}")
     if 2 in modes:
-        mode2, state = sft_epoch(step, state, params, cfg, args)
+        mode2, state = sft_epoch(step, state, params, cfg, args, mesh)
         mm, ours = mode2["minimind_way"], mode2["ours"]
         print(f"{'(2) epoch wall s (%d samples)' % args.samples:34s}{mm['epoch_s']:16.2f}{ours['epoch_s']:16.2f}")
         print(f"{'(2) steps per epoch':34s}{mm['steps']:16d}{ours['steps']:16d}")
@@ -172,38 +183,46 @@ def main(argv=None):
             print(f"(2) PyTorch MiniMind: {mm['steps']} steps x {args.torch_step_ms:.0f} ms = {torch_epoch:.1f} s "
                   f"-> ours {torch_epoch / ours['epoch_s']:.2f}x less wall time")
     print(f"peak RSS {peak_rss_mb():.0f} MB (after setup {rss0:.0f} MB)")
-    result = {"mode1": mode1, "mode2": mode2, "peak_rss_mb": peak_rss_mb(), "config": vars(args)}
+    result = {"mode1": mode1, "mode2": mode2, "peak_rss_mb": peak_rss_mb(), "devices": mesh.devices.size,
+              "config": vars(args)}
     print("RESULT " + json.dumps(result))
     return result
 
 
-def equal_work(step, state, params, cfg, args):
+def _put(batch, mesh, **prepare_kw):
+    """prepare_batch with one label group per device, then the rows split over the mesh -> (arrays, cap)."""
+    arrays, cap, _ = S.prepare_batch(batch, groups=mesh.devices.size, **prepare_kw)
+    return SH.put_batch(arrays, mesh), cap
+
+
+def equal_work(step, state, params, cfg, args, mesh):
     """Mode 1: B x T, every position real and labelled."""
     rng = np.random.default_rng(0)
     ids = rng.integers(3, cfg.vocab_size, (args.batch, args.seq)).astype(np.int32)
-    batch = {"input_ids": ids, "labels": ids.copy()}
-    arrays, cap, _ = S.prepare_batch(batch)
+    arrays, cap = _put({"input_ids": ids, "labels": ids.copy()}, mesh)
     t0 = time.perf_counter()
     step.lower(state, params, arrays, 1e-4, cap=cap, update=True).compile()
     compile1 = time.perf_counter() - t0
     state, m = step(state, params, arrays, 1e-4, cap=cap, update=True)
     jax.block_until_ready(m)
-    t0 = time.perf_counter()
+    times = []
     for _ in range(args.steps):
+        t0 = time.perf_counter()
         state, m = step(state, params, arrays, 1e-4, cap=cap, update=True)
-    jax.block_until_ready(m)
-    step_s = (time.perf_counter() - t0) / args.steps
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+    step_s = float(np.median(times))
     mode1 = {"batch": args.batch, "seq": args.seq, "step_s": step_s, "tokens_per_s": args.batch * args.seq / step_s,
-             "compile_s": compile1}
+             "step_s_all": [round(t, 4) for t in times], "compile_s": compile1}
     return mode1, state
 
 
-def sft_epoch(step, state, params, cfg, args):
+def sft_epoch(step, state, params, cfg, args, mesh):
     """Mode 2: one epoch of synthetic chats, MiniMind's padded way vs packed + labels-only."""
     samples = synthetic_samples(args.samples, args.min_len, args.max_seq_len, cfg.vocab_size, dist=args.length_dist)
     real_tokens = int(sum(len(x) for x, _ in samples))
-    mm = [S.prepare_batch(b, trim=False, labels_only=False)[:2] for b in padded_batches(samples, args.sft_batch, args.max_seq_len)]
-    ours = [S.prepare_batch(b)[:2] for b in packed_batches(samples, args.sft_batch, args.max_seq_len)]
+    mm = [_put(b, mesh, trim=False, labels_only=False) for b in padded_batches(samples, args.sft_batch, args.max_seq_len)]
+    ours = [_put(b, mesh) for b in packed_batches(samples, args.sft_batch, args.max_seq_len)]
     state, mm_s, mm_c, mm_shapes = run_epoch(step, state, params, mm)
     state, our_s, our_c, our_shapes = run_epoch(step, state, params, ours)
     mode2 = {"samples": args.samples, "real_tokens": real_tokens, "max_seq_len": args.max_seq_len,

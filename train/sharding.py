@@ -36,6 +36,38 @@ def init_distributed(coordinator: Optional[str] = None, num_processes: Optional[
     return True
 
 
+def cpu_device_count(requested: int, rows: int, cores: Optional[int] = None, cap: int = 8) -> int:
+    """How many XLA devices to split this host's CPU into: `requested` if > 0, else (auto) the largest divisor of
+    `rows` (this process's batch rows) that is at most min(cores, cap)."""
+    if requested > 0:
+        return requested
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(d for d in range(1, max(1, min(cores, cap, rows)) + 1) if rows % d == 0)
+
+
+def configure_cpu_devices(requested: int, rows: int) -> Optional[int]:
+    """Split the host CPU into several XLA devices (data parallel over its cores); call before JAX starts.
+
+    Why: one XLA:CPU device runs a train step's ops one after another on a shared thread pool, and its many
+    small or memory-bound ops (norms, softmax, the attention's batched matmuls) leave cores idle; with one device
+    per core, each running its share of the rows, those gaps are filled (2 cores, MiniMind2-small LoRA step,
+    in-process A/B: 7% faster at B4xT256 and at packed B8xT340). Only the CPU backend is affected: on a GPU the
+    mesh uses the GPUs. Returns the count set, or None when left alone (XLA_FLAGS / JAX_NUM_CPU_DEVICES already
+    choose it, one device was asked for, or JAX's backends are already running: e.g. a second main() call).
+    """
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") or os.environ.get("JAX_NUM_CPU_DEVICES"):
+        return None
+    n = cpu_device_count(requested, rows)
+    if n <= 1:
+        return None
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:  # backends already initialised in this process: keep its devices
+        return None
+    return n
+
+
 def _env_int(name: str) -> Optional[int]:
     v = os.environ.get(name)
     return int(v) if v not in (None, "") else None
