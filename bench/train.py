@@ -166,7 +166,7 @@ def main(argv=None):
     if 1 in modes:
         mode1, state = equal_work(step, state, params, cfg, args, mesh)
         print(f"{'(1) equal work B%dxT%d tokens/s' % (args.batch, args.seq):34s}{'':>16s}{mode1['tokens_per_s']:16.0f}")
-        print(f"{'(1) step time s':34s}{'':>16s}{mode1['step_s']:16.3f}")
+        print(f"{'(1) step time s (median)':34s}{'':>16s}{mode1['step_s']:16.3f}")
     if 2 in modes:
         mode2, state = sft_epoch(step, state, params, cfg, args, mesh)
         mm, ours = mode2["minimind_way"], mode2["ours"]

@@ -49,12 +49,12 @@ def cpu_device_count(requested: int, rows: int, cores: Optional[int] = None, cap
 def configure_cpu_devices(requested: int, rows: int) -> Optional[int]:
     """Split the host CPU into several XLA devices (data parallel over its cores); call before JAX starts.
 
-    Why: one XLA:CPU device runs a train step's ops one after another on a shared thread pool, and its many
-    small or memory-bound ops (norms, softmax, the attention's batched matmuls) leave cores idle; with one device
-    per core, each running its share of the rows, those gaps are filled (2 cores, MiniMind2-small LoRA step,
-    in-process A/B: 7% faster at B4xT256 and at packed B8xT340). Only the CPU backend is affected: on a GPU the
-    mesh uses the GPUs. Returns the count set, or None when left alone (XLA_FLAGS / JAX_NUM_CPU_DEVICES already
-    choose it, one device was asked for, or JAX's backends are already running: e.g. a second main() call).
+    Why (measured, not derived): on 2 cores one XLA:CPU device leaves part of the cores idle during a LoRA step;
+    with one device per core, each running its share of the rows, a MiniMind2-small B4xT256 step is ~7% faster
+    (in-process A/B, 8 pairs) and a packed B8xT340 epoch ~2% (within this machine's noise). Only the CPU backend is
+    affected: on a GPU the mesh uses the GPUs. Returns the count set, or None when left alone (XLA_FLAGS /
+    JAX_NUM_CPU_DEVICES already choose it, one device was asked for, or JAX's backends are already running:
+    e.g. a second main() call).
     """
     if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") or os.environ.get("JAX_NUM_CPU_DEVICES"):
         return None
@@ -90,7 +90,8 @@ def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
     n = mesh.devices.size
     if global_batch_size % n:
         raise ValueError(f"--batch_size {global_batch_size} is not divisible by the {n} devices of the data mesh "
-                         f"({jax.process_count()} process(es) x {jax.local_device_count()} local); use a multiple of {n}")
+                         f"({jax.process_count()} process(es) x {jax.local_device_count()} local); use a multiple of {n}"
+                         + (" (on a CPU, --cpu_devices sets the local count)" if jax.default_backend() == "cpu" else ""))
 
 
 def replicate(tree, mesh: Mesh):
