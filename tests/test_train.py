@@ -290,13 +290,17 @@ def tiny_data(tmp_path_factory):
     return d
 
 
+def _cli_args(tiny_data, save_dir, *extra) -> list:
+    return ["--hidden_size", "32", "--num_hidden_layers", "1", "--epochs", "2", "--batch_size", "4", "--max_seq_len",
+            "64", "--learning_rate", "5e-3", "--data_path", str(tiny_data / "tiny.jsonl"), "--cache_dir",
+            str(tiny_data / "cache"), "--save_dir", str(save_dir), "--log_interval", "1", "--max_new_tokens", "0",
+            *extra]
+
+
 def _cli(tiny_data, save_dir, *extra):
     from train.lora import main
 
-    return main(["--hidden_size", "32", "--num_hidden_layers", "1", "--epochs", "2", "--batch_size", "4",
-                 "--max_seq_len", "64", "--learning_rate", "5e-3", "--data_path", str(tiny_data / "tiny.jsonl"),
-                 "--cache_dir", str(tiny_data / "cache"), "--save_dir", str(save_dir), "--log_interval", "1",
-                 "--max_new_tokens", "0", "--cpu_devices", "1", *extra])
+    return main(_cli_args(tiny_data, save_dir, "--cpu_devices", "1", *extra))
 
 
 def test_cli_end_to_end(tiny_data, tmp_path):
@@ -368,10 +372,7 @@ def test_cli_cpu_split_matches_one_device(tiny_data, tmp_path):
     one = _cli(tiny_data, tmp_path / "one")
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
     env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
-    args = ["--hidden_size", "32", "--num_hidden_layers", "1", "--epochs", "2", "--batch_size", "4", "--max_seq_len",
-            "64", "--learning_rate", "5e-3", "--data_path", str(tiny_data / "tiny.jsonl"), "--cache_dir",
-            str(tiny_data / "cache"), "--save_dir", str(tmp_path / "two"), "--log_interval", "1", "--max_new_tokens",
-            "0", "--cpu_devices", "2"]
+    args = _cli_args(tiny_data, tmp_path / "two", "--cpu_devices", "2")
     r = subprocess.run([sys.executable, "-m", "train.lora", *args], env=env, cwd=ROOT, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
