@@ -141,9 +141,10 @@ def main(argv=None):
         args.hidden_size, args.num_hidden_layers, args.batch, args.seq, args.steps = 32, 1, 2, 32, 2
         args.samples, args.max_seq_len, args.min_len, args.sft_batch = 24, 48, 6, 4
 
-    SH.configure_cpu_devices(args.cpu_devices, math.gcd(args.batch, args.sft_batch))  # before JAX starts
+    rows = math.gcd(args.batch, args.sft_batch)  # both modes' batches split over the same devices
+    SH.configure_cpu_devices(args.cpu_devices, rows)  # before JAX starts
     mesh = SH.make_mesh()
-    SH.check_batch_size(math.gcd(args.batch, args.sft_batch), mesh)
+    SH.check_batch_size(rows, mesh)
     cfg = MiniMindConfig.minimind2_small(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     model = MiniMindForCausalLM(cfg, dtype=dtype)

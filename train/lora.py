@@ -140,11 +140,9 @@ def is_demo(args) -> bool:
     return random_base and [Path(p).resolve() for p in args.data_path.split(",") if p] == [BUNDLED_DATA]
 
 
-def _planned_rows(args) -> int:
-    """This process's batch rows as resolve_defaults will set them (known before JAX starts)."""
-    batch = args.batch_size or (DEMO if is_demo(args) else REAL)["batch_size"]
-    procs = args.num_processes or int(os.environ.get("JAX_NUM_PROCESSES") or 1)
-    return max(1, batch // max(1, procs))
+def _planned_batch(args) -> int:
+    """The global batch as resolve_defaults will set it (known before JAX starts)."""
+    return args.batch_size or (DEMO if is_demo(args) else REAL)["batch_size"]
 
 
 def load_base(args):
@@ -270,7 +268,8 @@ def train(args) -> dict:
     from train.tokenizer import load_tokenizer
 
     t_start = time.time()
-    cpu_split = sharding.configure_cpu_devices(args.cpu_devices, _planned_rows(args))  # before JAX starts
+    # before JAX starts: the device count is fixed when its backends come up
+    cpu_split = sharding.configure_cpu_devices(args.cpu_devices, _planned_batch(args), args.num_processes)
     sharding.init_distributed(args.coordinator, args.num_processes, args.process_id)
     main_proc = jax.process_index() == 0
     config, params, base_note = load_base(args)
