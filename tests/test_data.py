@@ -275,35 +275,75 @@ def test_cache_reuse(tok, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------- packing
 
 
-def test_packing(ds):
-    padded = loader(ds, batch=4, num_epochs=1, seed=3)
-    packed = loader(ds, batch=2, num_epochs=1, seed=3, packed=True, seq_len=256)
-    want, got = [], []
-    for b in padded:
+def _samples(b, pad_id):
+    """The (ids, labels) of every sample in a padded or packed batch, as a sorted list of tuples."""
+    out = []
+    if "segment_ids" not in b:
         for ids, lab in zip(b["input_ids"], b["labels"]):
-            n = int((ids != ds.pad_id).sum())  # the bundled tokenizer never emits pad (id 0) inside text
+            n = int((ids != pad_id).sum())  # the bundled tokenizer never emits pad (id 0) inside text
             if n:
-                want.append((tuple(ids[:n]), tuple(lab[:n])))
-    n_batches = 0
-    for b in packed:
-        n_batches += 1
-        ids, lab, seg, pos = b["input_ids"], b["labels"], b["segment_ids"], b["positions"]
-        assert ids.shape == lab.shape == seg.shape == pos.shape == (2, 256) and ids.dtype == np.int32
-        for r in range(2):
+                out.append((tuple(ids[:n]), tuple(lab[:n])))
+        return sorted(out)
+    for ids, lab, seg in zip(b["input_ids"], b["labels"], b["segment_ids"]):
+        for k in range(1, seg.max() + 1):
+            m = seg == k
+            lab_k = lab[m].copy()
+            lab_k[0] = IGNORE  # a packed sample's first label is masked; a padded row's first label is never used
+            out.append((tuple(ids[m]), tuple(lab_k)))
+    return sorted(out)
+
+
+def _first_label_ignored(b):
+    return {k: v if k != "labels" else np.where(np.arange(v.shape[1]) == 0, IGNORE, v) for k, v in b.items()}
+
+
+def test_packing_keeps_the_samples_of_each_step(ds):
+    """--batch_size counts samples in both modes: step s of the packed loader holds exactly step s's samples."""
+    padded = loader(ds, batch=6, num_epochs=1, seed=3)
+    packed = loader(ds, batch=6, num_epochs=1, seed=3, packed=True, seq_len=256)
+    assert padded.steps_in_epoch(0) == packed.steps_in_epoch(0) == -(-len(ds) // 6)
+    rows = real = 0
+    for pb, kb in zip(padded, packed):
+        real += int(np.count_nonzero(kb["segment_ids"]))
+        assert _samples(_first_label_ignored(pb), ds.pad_id) == _samples(kb, ds.pad_id)
+        ids, lab, seg, pos = kb["input_ids"], kb["labels"], kb["segment_ids"], kb["positions"]
+        assert ids.shape == lab.shape == seg.shape == pos.shape and ids.shape[1] == 256 and ids.dtype == np.int32
+        assert ids.shape[0] <= packed.max_rows == 6
+        rows += ids.shape[0]
+        for r in range(ids.shape[0]):
             pad = seg[r] == 0
             assert (ids[r][pad] == ds.pad_id).all() and (lab[r][pad] == IGNORE).all() and (pos[r][pad] == 0).all()
             assert not pad[: (~pad).sum()].any()  # padding only at the end
-            starts = np.flatnonzero(np.diff(seg[r], prepend=0) != 0)
-            for s in starts:
-                if seg[r, s]:
-                    assert pos[r, s] == 0 and lab[r, s] == IGNORE  # no prediction across samples after the shift
+            for s in np.flatnonzero(np.diff(seg[r], prepend=0) > 0):
+                assert pos[r, s] == 0 and lab[r, s] == IGNORE  # no prediction across samples after the shift
             for k in range(1, seg[r].max() + 1):
-                m = seg[r] == k
-                assert (pos[r][m] == np.arange(m.sum())).all()
-                got.append((tuple(ids[r][m]), tuple(lab[r][m])))
-    assert sorted(want) == sorted(got)  # every sample, hence every supervised token, exactly once
-    assert n_batches < len(want) / 2  # packing actually packs
-    assert packed.fill_ratio(0) > padded.fill_ratio(0)
+                assert (pos[r][seg[r] == k] == np.arange((seg[r] == k).sum())).all()
+    assert rows < len(ds) / 2  # packing actually packs
+    assert packed.fill_ratio(0) == pytest.approx(real / (rows * 256))
+
+
+def test_group_by_length(ds):
+    """Same samples per step and per epoch, batches of similar lengths, order seeded."""
+    plain = loader(ds, batch=4, num_epochs=1, seed=3)
+    grouped = loader(ds, batch=4, num_epochs=1, seed=3, group_by_length=True)
+    p0, g0 = plain.plan(0), grouped.plan(0)
+    assert sorted(g0.order) == list(range(len(ds))) and plain.steps_in_epoch(0) == grouped.steps_in_epoch(0)
+    spread = lambda plan: np.mean([np.ptp(plan.lengths[plan.order[s:s + 4]]) for s in range(0, len(ds) - 3, 4)])  # noqa: E731
+    assert spread(g0) < 0.5 * spread(p0)
+    again = loader(ds, batch=4, num_epochs=1, seed=3, group_by_length=True).plan(0).order
+    assert (again == g0.order).all() and not (loader(ds, batch=4, seed=4, group_by_length=True).plan(0).order == g0.order).all()
+
+
+def test_batch_tokens_packs_the_epoch(ds):
+    """The explicit token-budget mode: rows packed over the epoch, batch_tokens // seq_len rows a step."""
+    tok = loader(ds, batch=4, num_epochs=1, seed=3, batch_tokens=4 * 256 + 100, seq_len=256)
+    assert tok.rows_per_step == 4 and tok.packed
+    got = [s for b in tok for s in _samples(b, ds.pad_id)]
+    want = [s for b in loader(ds, batch=4, num_epochs=1, seed=3) for s in _samples(_first_label_ignored(b), ds.pad_id)]
+    assert sorted(got) == sorted(want)  # every sample once
+    assert tok.steps_in_epoch(0) == -(-len(tok.plan(0).rows) // 4) < loader(ds, batch=4).steps_in_epoch(0) / 2
+    with pytest.raises(ValueError, match="less than one row"):
+        loader(ds, batch=4, batch_tokens=100, seq_len=128)
 
 
 # ----------------------------------------------------------------------------------------------- resume, shards
@@ -332,15 +372,18 @@ def test_resume(ds, packed):
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_sharding(ds, packed):
+    """Each host takes its contiguous share of every step's samples; padded host rows stack into the global batch."""
     kw = dict(batch=4, seed=1, num_epochs=1, packed=packed)
     whole = list(loader(ds, **kw))
     shards = [list(loader(ds, process_index=p, process_count=2, **kw)) for p in range(2)]
     assert len(shards[0]) == len(shards[1]) == len(whole)
     for g, s0, s1 in zip(whole, *shards):
-        assert s0["input_ids"].shape[0] == 2
-        for key in g:  # host slices stack, in process order, into the global batch
-            np.testing.assert_array_equal(np.concatenate([s0[key], s1[key]]), g[key])
-    rows = lambda bs: {tuple(r) for b in bs for r in b["input_ids"] if (r != ds.pad_id).any()}  # noqa: E731
-    assert not rows(shards[0]) & rows(shards[1]) and rows(shards[0]) | rows(shards[1]) == rows(whole)
+        if not packed:
+            assert s0["input_ids"].shape[0] == 2
+            for key in g:  # host slices stack, in process order, into the global batch
+                np.testing.assert_array_equal(np.concatenate([s0[key], s1[key]]), g[key])
+        both = _samples(s0, ds.pad_id) + _samples(s1, ds.pad_id)
+        assert sorted(both) == _samples(g, ds.pad_id)  # the step's samples, each on one host
+        assert not set(_samples(s0, ds.pad_id)) & set(_samples(s1, ds.pad_id))
     with pytest.raises(ValueError, match="divisible"):
         loader(ds, batch=3, process_index=0, process_count=2)

@@ -385,10 +385,11 @@ def _tokenize_files(files, tokenizer, max_seq_len, skip_bad_lines, chunk_size, o
 # ----------------------------------------------------------------------------------------------- batches
 
 
-def pack_rows(order: np.ndarray, lengths: np.ndarray, row_len: int, window: int) -> list:
+def pack_rows(order: np.ndarray, lengths: np.ndarray, row_len: int, window: Optional[int] = None) -> list:
     """Best-fit-decreasing packing of samples (in `order`) into rows of `row_len` tokens, window by window
-    (so packing stays local to the shuffled order). -> list of rows, each a list of sample indices."""
+    (so packing stays local to the shuffled order; None = all at once). -> list of rows, each a list of indices."""
     rows = []
+    window = window or max(len(order), 1)
     for w in range(0, len(order), window):
         chunk = order[w : w + window]
         chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
@@ -407,39 +408,86 @@ def pack_rows(order: np.ndarray, lengths: np.ndarray, row_len: int, window: int)
     return rows
 
 
+def group_by_length(order: np.ndarray, lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
+                    mult: int = 50) -> np.ndarray:
+    """HF Trainer's LengthGroupedSampler: megabatches of `mult` * batch_size samples of the shuffled order, each
+    sorted longest first and cut into batches; the batches are then shuffled (seeded), so that an epoch does not
+    sweep from long to short samples inside every megabatch. -> the reordered sample order (same samples)."""
+    batches = []
+    for m in range(0, len(order), mult * batch_size):
+        mega = order[m : m + mult * batch_size]
+        mega = mega[np.argsort(-lengths[mega], kind="stable")]
+        batches.extend(mega[b : b + batch_size] for b in range(0, len(mega), batch_size))
+    last = batches.pop() if len(batches) > 1 and len(batches[-1]) < batch_size else None  # a short batch stays last
+    batches = [batches[j] for j in rng.permutation(len(batches))] + ([last] if last is not None else [])
+    return np.concatenate(batches) if batches else order
+
+
 @dataclass
 class _EpochPlan:
     epoch: int
     sys_choice: np.ndarray  # [N] int8
     drop: np.ndarray  # [N] bool
-    rows: Sequence  # sample indices per global row: list of lists (packed) or [N, 1] array (padded)
+    lengths: np.ndarray  # [N] tokens of the chosen variants
+    order: np.ndarray  # [N] sample order (sample batches: step s = order[s*B:(s+1)*B])
+    rows: Optional[list] = None  # token-budget mode: sample indices per global row, packed over the epoch
 
 
 class SFTLoader:
-    """Deterministic, resumable, host-sharded batches over an `SFTDataset` (contract: module docstring)."""
+    """Deterministic, resumable, host-sharded batches over an `SFTDataset` (contract: module docstring).
 
-    def __init__(self, dataset: SFTDataset, global_batch_size: int, *, packed: bool = False, seq_len: Optional[int] = None,
-                 seed: int = 42, shuffle: bool = True, add_system_ratio: float = 0.2, empty_think_ratio: float = 0.2,
-                 drop_last: bool = False, num_epochs: Optional[int] = None, process_index: Optional[int] = None,
+    batch_size: samples per global step, MiniMind's meaning in every mode; padded (packed=False) gives each its own
+      row, packed=True packs exactly those samples into as few rows of seq_len as it can (best fit decreasing), so
+      a step's loss and gradients are the padded step's. group_by_length: HF Trainer's batches of similar lengths
+      (less packing waste, same number of samples per step, different batches).
+    batch_tokens: the token-budget mode instead (TRL-style, changes the optimisation): the whole epoch is packed
+      into rows of seq_len and each step takes batch_tokens // seq_len rows, however many samples they hold.
+    """
+
+    def __init__(self, dataset: SFTDataset, batch_size: int, *, packed: bool = False, batch_tokens: Optional[int] = None,
+                 group_by_length: bool = False, seq_len: Optional[int] = None, seed: int = 42, shuffle: bool = True,
+                 add_system_ratio: float = 0.2, empty_think_ratio: float = 0.2, drop_last: bool = False,
+                 num_epochs: Optional[int] = None, process_index: Optional[int] = None,
                  process_count: Optional[int] = None, pack_window: int = 4096):
         if process_index is None or process_count is None:
             import jax
 
             process_index, process_count = jax.process_index(), jax.process_count()
-        if global_batch_size % process_count:
-            raise ValueError(f"global_batch_size {global_batch_size} is not divisible by process_count {process_count}")
+        packed = packed or batch_tokens is not None
         self.seq_len = dataset.max_seq_len if seq_len is None else seq_len
         if packed and self.seq_len < dataset.max_seq_len:
             raise ValueError(f"packed seq_len {self.seq_len} must be >= the dataset's max_seq_len {dataset.max_seq_len}")
         if not packed and self.seq_len != dataset.max_seq_len:
             raise ValueError("padded mode uses the dataset's max_seq_len; set seq_len only with packed=True")
-        self.ds, self.global_batch_size, self.packed, self.seed, self.shuffle = dataset, global_batch_size, packed, seed, shuffle
+        if batch_tokens is not None:
+            if batch_tokens < self.seq_len * process_count:
+                raise ValueError(f"batch_tokens {batch_tokens} is less than one row of {self.seq_len} tokens per process "
+                                 f"({process_count} process(es))")
+            if group_by_length:
+                raise ValueError("group_by_length groups samples into sample batches; batch_tokens packs the whole epoch")
+            self.rows_per_step = batch_tokens // self.seq_len
+            self.rows_per_step -= self.rows_per_step % process_count  # whole rows, equal on every host
+            unit = self.rows_per_step
+        else:
+            if batch_size <= 0:
+                raise ValueError(f"batch_size must be positive, got {batch_size}")
+            self.rows_per_step = None
+            unit = batch_size
+        if unit % process_count:
+            raise ValueError(f"batch_size {unit} is not divisible by process_count {process_count}")
+        self.ds, self.batch_size, self.packed, self.batch_tokens = dataset, batch_size, packed, batch_tokens
+        self.group_by_length, self.seed, self.shuffle = group_by_length, seed, shuffle
         self.add_system_ratio, self.empty_think_ratio, self.drop_last = add_system_ratio, empty_think_ratio, drop_last
         self.num_epochs, self.pack_window = num_epochs, pack_window
         self.process_index, self.process_count = process_index, process_count
-        self.batch_size = global_batch_size // process_count  # rows on this host
+        self.host_unit = unit // process_count  # samples (or token-mode rows) of each host per step
         self.epoch, self.step = 0, 0  # next batch to produce
         self._plan: Optional[_EpochPlan] = None
+
+    @property
+    def max_rows(self) -> int:
+        """The most rows a host batch can have (its static upper bound: one sample per row)."""
+        return self.host_unit
 
     # -- epoch plan (identical on every host)
     def plan(self, epoch: int) -> _EpochPlan:
@@ -447,41 +495,65 @@ class SFTLoader:
             n = len(self.ds)
             order = np.random.default_rng([self.seed, epoch, 0]).permutation(n) if self.shuffle else np.arange(n)
             sys_choice, drop = self.ds.draw_augmentations(self.seed, epoch, self.add_system_ratio, self.empty_think_ratio)
-            if self.packed:
-                rows = pack_rows(order, self.ds.lengths(sys_choice, drop), self.seq_len, self.pack_window)
+            lengths = self.ds.lengths(sys_choice, drop)
+            plan = _EpochPlan(epoch, sys_choice, drop, lengths, order)
+            if self.batch_tokens is not None:
+                rows = pack_rows(order, lengths, self.seq_len, self.pack_window)
                 if self.shuffle:  # BFD emits long-first rows; mix them so batches are not length-sorted
                     rows = [rows[j] for j in np.random.default_rng([self.seed, epoch, 2]).permutation(len(rows))]
-            else:
-                rows = order[:, None]  # [N, 1]: one sample per row
-            self._plan = _EpochPlan(epoch, sys_choice, drop, rows)
+                plan.rows = rows
+            elif self.group_by_length:
+                plan.order = group_by_length(order, lengths, self.batch_size, np.random.default_rng([self.seed, epoch, 3]))
+            self._plan = plan
         return self._plan
 
     def steps_in_epoch(self, epoch: int) -> int:
-        rows = len(self.plan(epoch).rows)
-        return rows // self.global_batch_size if self.drop_last else -(-rows // self.global_batch_size)
+        if self.batch_tokens is not None:
+            n, per = len(self.plan(epoch).rows), self.rows_per_step
+        else:
+            n, per = len(self.ds), self.batch_size
+        return n // per if self.drop_last else -(-n // per)
+
+    def host_samples(self, epoch: int, step: int) -> list:
+        """This host's share of global step `step`: a list of rows, each a list of sample indices."""
+        p = self.plan(epoch)
+        if self.batch_tokens is not None:
+            first = step * self.rows_per_step + self.process_index * self.host_unit
+            return [list(r) for r in p.rows[first : first + self.host_unit]]
+        first = step * self.batch_size + self.process_index * self.host_unit
+        mine = p.order[first : first + self.host_unit]  # fewer (or none) in a short last batch
+        if not self.packed:
+            return [[int(i)] for i in mine]
+        return pack_rows(mine, p.lengths, self.seq_len)
 
     def fill_ratio(self, epoch: int) -> float:
-        """Fraction of non-padding tokens over the epoch's global rows (packing efficiency)."""
-        p = self.plan(epoch)
-        lengths = self.ds.lengths(p.sys_choice, p.drop)
-        return float(lengths.sum()) / (self.steps_in_epoch(epoch) * self.global_batch_size * self.seq_len)
+        """Fraction of real tokens in the rows this host's batches hold over an epoch (padding efficiency)."""
+        p, real, rows = self.plan(epoch), 0, 0
+        for s in range(self.steps_in_epoch(epoch)):
+            host = self.host_samples(epoch, s)
+            real += int(sum(p.lengths[i] for r in host for i in r))
+            rows += max(len(host), 1) if self.packed else self.host_unit
+        return real / max(rows * self.seq_len, 1)
 
     # -- batches
     def get_batch(self, epoch: int, step: int) -> dict:
-        """This host's slice of global batch `step` of `epoch` (random access; does not move the state)."""
-        p = self.plan(epoch)
-        first = step * self.global_batch_size + self.process_index * self.batch_size
-        rows = p.rows[first : first + self.batch_size]  # fewer at the end of the epoch -> empty rows
-        B, T, ds = self.batch_size, self.seq_len, self.ds
+        """This host's slice of global step `step` of `epoch` (random access; does not move the state).
+
+        Padded: [host batch, max_seq_len] (rows of a short last batch are empty). Packed: [rows, seq_len] with as
+        many rows as the samples need (at least one) and segment_ids / positions.
+        """
+        p, ds = self.plan(epoch), self.ds
+        host = self.host_samples(epoch, step)
+        B, T = (max(len(host), 1) if self.packed else self.host_unit), self.seq_len
         ids = np.full((B, T), ds.pad_id, np.int32)  # [B, T]
         labels = np.full((B, T), IGNORE, np.int32)  # [B, T]
         if not self.packed:
-            for r, (i,) in enumerate(rows):
+            for r, (i,) in enumerate(host):
                 ids[r], labels[r] = ds.padded(i, p.sys_choice[i], p.drop[i])
             return {"input_ids": ids, "labels": labels}
         segment_ids = np.zeros((B, T), np.int32)  # [B, T]
         positions = np.zeros((B, T), np.int32)  # [B, T]
-        for r, samples in enumerate(rows):
+        for r, samples in enumerate(host):
             t = 0
             for seg, i in enumerate(samples, 1):
                 x = ds.example(i, p.sys_choice[i], p.drop[i])
@@ -508,10 +580,11 @@ class SFTLoader:
     # -- resume
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "num_samples": len(self.ds),
-                "global_batch_size": self.global_batch_size, "packed": self.packed}
+                "batch_size": self.batch_size, "packed": self.packed, "batch_tokens": self.batch_tokens,
+                "group_by_length": self.group_by_length}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "num_samples", "global_batch_size", "packed"):
+        for key in ("seed", "num_samples", "batch_size", "packed", "batch_tokens", "group_by_length"):
             mine = self.state_dict()[key]
             if key in state and state[key] != mine:
                 raise ValueError(f"cannot resume: saved {key}={state[key]!r} but this loader has {mine!r}")

@@ -44,6 +44,7 @@ PROMPTS = ("你是谁？", "Who are you?")
 # generation prompt (no random system prompt, empty think block kept).
 DEMO = {"epochs": 10, "learning_rate": 4e-3, "batch_size": 1, "targets": "all-linear",
         "add_system_ratio": 0.0, "empty_think_ratio": 1.0}
+ACCEL_CHUNK_TOKENS = 8192  # rows per forward pass on accelerators, which want large matmuls
 REAL = {"epochs": 10, "learning_rate": 1e-4, "batch_size": 32, "targets": "square",  # MiniMind's defaults
         "add_system_ratio": 0.2, "empty_think_ratio": 0.2}
 
@@ -59,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--save_dir", default="out", help="output directory (adapter .ckpt, metrics, resume checkpoints)")
     a("--lora_name", default="lora_identity", help="adapter name: <save_dir>/<lora_name>_<hidden>[_moe].ckpt")
     a("--epochs", type=int, default=None, help=f"default {REAL['epochs']} (MiniMind); {DEMO['epochs']} for the bundled random-init demo")
-    a("--batch_size", type=int, default=None, help=f"global batch (rows); default {REAL['batch_size']}; {DEMO['batch_size']} for the demo")
+    a("--batch_size", type=int, default=None, help=f"samples per step (global, MiniMind's meaning in every mode); default "
+                                                   f"{REAL['batch_size']}; {DEMO['batch_size']} for the demo")
     a("--learning_rate", type=float, default=None, help=f"peak lr; default {REAL['learning_rate']}; {DEMO['learning_rate']} for the demo")
     a("--dtype", choices=("bfloat16", "float32"), default=None, help="compute dtype (adapter master weights stay fp32); default float32 on CPU, bfloat16 on GPU/TPU")
     a("--accumulation_steps", type=int, default=1)
@@ -83,7 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--add_system_ratio", type=float, default=None, help="MiniMind's: prepend a random system prompt (default 0.2; demo 0)")
     a("--empty_think_ratio", type=float, default=None, help="MiniMind's: keep the empty think block (default 0.2; demo 1)")
     a("--skip_bad_lines", action="store_true", help="skip (and count) malformed jsonl lines instead of failing")
-    a("--pack", type=int, choices=(0, 1), default=1, help="1: pack samples into rows (fast); 0: MiniMind's padded rows")
+    a("--pack", type=int, choices=(0, 1), default=1, help="1: pack each step's samples into as few rows as they need "
+                                                          "(same loss and gradients, less padding); 0: MiniMind's padded rows")
+    a("--group_by_length", type=int, choices=(0, 1), default=0,
+      help="1: batches of samples of similar lengths (HF Trainer's; less padding, different batches)")
+    a("--batch_tokens", type=int, default=None,
+      help="token-budget steps instead of --batch_size samples (TRL-style): the epoch is packed into rows of "
+           "--max_seq_len and each step takes this many tokens of rows; changes the optimisation (fewer, larger steps)")
+    a("--rows_per_device", type=int, default=0, help="rows each device runs at once inside a step (0 = auto: 1 on a CPU, "
+                                                     f"{ACCEL_CHUNK_TOKENS} tokens' worth on a GPU/TPU)")
     a("--labels_only", type=int, choices=(0, 1), default=1, help="1: vocab projection only at labelled positions")
     a("--tensorboard", action="store_true", help="also log to <save_dir>/tensorboard/<lora_name> (needs tensorboardX)")
     a("--cache_dir", default=None, help="tokenized-data cache (default ~/.cache/minimind_jax/sft)")
@@ -131,6 +141,10 @@ def resolve_defaults(args) -> list[str]:
             raise SystemExit(f"--{k} must be positive, got {getattr(args, k)}")
     if not args.learning_rate > 0 or not args.grad_clip > 0:
         raise SystemExit("--learning_rate and --grad_clip must be positive")
+    if args.batch_tokens is not None and args.batch_tokens < args.max_seq_len:
+        raise SystemExit(f"--batch_tokens {args.batch_tokens} is less than one row of --max_seq_len {args.max_seq_len}")
+    if args.rows_per_device < 0:
+        raise SystemExit(f"--rows_per_device must be >= 0, got {args.rows_per_device}")
     return notes
 
 
@@ -281,7 +295,6 @@ def train(args) -> dict:
     mesh = sharding.make_mesh()
     if cpu_split and jax.default_backend() == "cpu":
         log(f"CPU split into {cpu_split} XLA devices for data parallelism (--cpu_devices 1 to keep one)")
-    sharding.check_batch_size(args.batch_size, mesh)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     model = MiniMindForCausalLM(config, dtype=dtype)
 
@@ -291,9 +304,13 @@ def train(args) -> dict:
                          f"{config.vocab_size}")
     ds = load_sft_dataset(data_paths, tokenizer, max_seq_len=args.max_seq_len, cache_dir=args.cache_dir,
                           skip_bad_lines=args.skip_bad_lines)
-    loader = SFTLoader(ds, args.batch_size, packed=bool(args.pack), seed=args.seed,
-                       add_system_ratio=args.add_system_ratio, empty_think_ratio=args.empty_think_ratio,
-                       num_epochs=args.epochs)
+    try:
+        loader = SFTLoader(ds, args.batch_size, packed=bool(args.pack), batch_tokens=args.batch_tokens,
+                           group_by_length=bool(args.group_by_length), seed=args.seed,
+                           add_system_ratio=args.add_system_ratio, empty_think_ratio=args.empty_think_ratio,
+                           num_epochs=args.epochs)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     iters = [loader.steps_in_epoch(e) for e in range(args.epochs)]
     offsets = np.concatenate([[0], np.cumsum(iters)]).astype(int)  # global micro-step before each epoch
     total = int(offsets[-1])
@@ -303,10 +320,13 @@ def train(args) -> dict:
     log(adapter_note)
     log(f"LLM total params: {(n_base + n_lora) / 1e6:.3f} M | LoRA params: {n_lora / 1e6:.3f} M | "
         f"LoRA ratio: {n_lora / (n_base + n_lora) * 100:.2f}%")
-    log(f"data: {len(ds)} samples from {', '.join(data_paths)} ({'packed' if args.pack else 'padded'} rows of "
-        f"{loader.seq_len}, fill {loader.fill_ratio(0) * 100:.0f}%), {iters[0]} steps/epoch x {args.epochs} epochs, "
-        f"batch {args.batch_size} on {mesh.devices.size} device(s), accumulation {args.accumulation_steps}, "
-        f"dtype {args.dtype}")
+    per_step = (f"{loader.rows_per_step} rows of {loader.seq_len} tokens per step (--batch_tokens {args.batch_tokens}; "
+                "--batch_size not used)" if args.batch_tokens else
+                f"{args.batch_size} samples per step{', grouped by length' if args.group_by_length else ''}, "
+                f"{'packed into' if args.pack else 'padded to'} rows of {loader.seq_len}")
+    log(f"data: {len(ds)} samples from {', '.join(data_paths)}; {per_step} (fill {loader.fill_ratio(0) * 100:.0f}%); "
+        f"{iters[0]} steps/epoch x {args.epochs} epochs on {mesh.devices.size} device(s), "
+        f"accumulation {args.accumulation_steps}, dtype {args.dtype}")
 
     fingerprint = ckpt.fingerprint(params)
     rep = sharding.replicated(mesh)
@@ -320,7 +340,8 @@ def train(args) -> dict:
     save_dir.mkdir(parents=True, exist_ok=True)
     adapter_file = ckpt.adapter_path(save_dir, args.lora_name, config)
     resume = ckpt.ResumeManager(ckpt.resume_dir(save_dir, args.lora_name, config))
-    run_meta = {"batch_size": args.batch_size, "pack": args.pack, "seed": args.seed, "max_seq_len": args.max_seq_len,
+    run_meta = {"batch_size": args.batch_size, "pack": args.pack, "batch_tokens": args.batch_tokens,
+                "group_by_length": args.group_by_length, "seed": args.seed, "max_seq_len": args.max_seq_len,
                 "accumulation_steps": args.accumulation_steps, "epochs": args.epochs,
                 "learning_rate": args.learning_rate, "rank": args.rank, "targets": adapter.targets,
                 "alpha": adapter.alpha, "num_samples": len(ds), "base_fingerprint": fingerprint}
@@ -331,7 +352,8 @@ def train(args) -> dict:
             log(f"--from_resume 1: no checkpoint in {resume.directory}; starting from scratch")
         else:
             tree, meta, resumed_at = got
-            for k in ("batch_size", "pack", "seed", "max_seq_len", "num_samples", "base_fingerprint", "accumulation_steps"):
+            for k in ("batch_size", "pack", "batch_tokens", "group_by_length", "seed", "max_seq_len", "num_samples",
+                      "base_fingerprint", "accumulation_steps"):
                 if meta["run"].get(k) != run_meta[k]:
                     raise SystemExit(f"cannot resume from {resume.directory}/{resumed_at}: it was written with "
                                      f"{k}={meta['run'].get(k)!r}, this run has {run_meta[k]!r}")
@@ -347,9 +369,11 @@ def train(args) -> dict:
             log(f"[before] {q} -> {a!r}")
 
     trim = not config.use_moe  # MoE aux loss averages over every position: keep MiniMind's full length
-    # one label group per device: each device gathers and projects its own rows' labelled positions
-    prepare = lambda b: step_lib.prepare_batch(b, trim=trim, labels_only=bool(args.labels_only), pad_id=ds.pad_id,
-                                               groups=jax.local_device_count())
+    devices = jax.local_device_count()
+    rows_per_device = _rows_per_device(args, config, loader, devices)
+    prepare = lambda b: step_lib.prepare_batch(b, devices=devices, rows_per_device=rows_per_device,
+                                               max_rows=loader.max_rows, trim=trim, labels_only=bool(args.labels_only),
+                                               pad_id=ds.pad_id)
     positions = [(e, s) for e in range(epoch0, args.epochs) for s in range(step0 if e == epoch0 else 0, iters[e])]
     metrics = MetricsWriter(save_dir / f"{args.lora_name}_metrics.jsonl", resume_step=resumed_at,
                             tensorboard_dir=(save_dir / "tensorboard" / args.lora_name) if args.tensorboard else None,
@@ -376,19 +400,20 @@ def train(args) -> dict:
 
     prefetch = Prefetcher(loader, positions, prepare)
     try:
-        for epoch, s0, (arrays, cap, stats) in prefetch:
+        for epoch, s0, (arrays, n_chunks, cap, stats) in prefetch:
             s = s0 + 1  # MiniMind counts steps from 1 within the epoch
             g = int(offsets[epoch]) + s
             lr = step_lib.get_lr(g, total, args.learning_rate)
             update = s % args.accumulation_steps == 0 or s == iters[epoch]
-            if jax.process_count() > 1:  # every host must pick the same static shapes
-                t_need, c_need = sharding.agree_max([arrays["labels"].shape[1], cap or 0])
-                arrays = {k: _pad_to(v, int(t_need), k) for k, v in arrays.items()}
-                cap = int(c_need) if cap is not None else None
+            if jax.process_count() > 1:  # every host must pick the same static shapes and loop length
+                t_need, c_need, n_chunks = (int(x) for x in sharding.agree_max([arrays["labels"].shape[-1],
+                                                                                 cap[1] if cap else 0, n_chunks]))
+                arrays = {k: _pad_to(v, t_need, k) for k, v in arrays.items()}
+                cap = (mesh.devices.size, c_need) if cap is not None else None  # groups: every device
             batch = sharding.put_batch(arrays, mesh)
             if args.stop_after is not None and done >= args.stop_after:
                 raise _Interrupted()
-            state, m = train_step(state, params, batch, lr, cap=cap, update=update)
+            state, m = train_step(state, params, batch, np.int32(n_chunks), lr, cap=cap, update=update)
             done += 1
             window_tokens += stats["tokens"] * jax.process_count()
             bar.update(1)
@@ -449,16 +474,28 @@ def _train_step(model, tx, accumulation_steps, grad_clip, sharding):
     key = (model.config, str(model.dtype), accumulation_steps, grad_clip, tuple(d.id for d in sharding.mesh.devices.flat))
     if key not in _STEP_CACHE:
         _STEP_CACHE[key] = step_lib.make_train_step(model, tx, accumulation_steps=accumulation_steps,
-                                                    grad_clip=grad_clip, state_sharding=sharding,
-                                                    label_groups=sharding.mesh.devices.size)
+                                                    grad_clip=grad_clip, state_sharding=sharding)
     return _STEP_CACHE[key]
 
 
 def _pad_to(x: np.ndarray, t: int, key: str) -> np.ndarray:
-    if x.shape[1] >= t:
+    if x.shape[-1] >= t:
         return x
     fill = -100 if key == "labels" else 0
-    return np.pad(x, ((0, 0), (0, t - x.shape[1])), constant_values=fill)
+    return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, t - x.shape[-1])], constant_values=fill)
+
+
+def _rows_per_device(args, config, loader, devices: int) -> int:
+    """Rows each device runs per forward pass inside a step (train.step: the step loops over chunks of these)."""
+    import jax
+
+    if config.use_moe and not args.pack:  # one chunk: MiniMind's aux loss over the whole padded batch
+        return -(-loader.max_rows // devices)
+    if args.rows_per_device > 0:
+        return args.rows_per_device
+    if jax.default_backend() == "cpu":  # one row keeps the last chunk's padding rows few; bigger gains nothing here
+        return 1
+    return max(1, min(ACCEL_CHUNK_TOKENS // loader.seq_len, -(-loader.max_rows // devices)))
 
 
 def main(argv: Optional[list] = None) -> dict:

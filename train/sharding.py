@@ -4,7 +4,7 @@ The batch is split along its first dimension (`batch_sharding`); the train state
 replicated (`replicated`). `jax.jit` with these committed inputs runs SPMD and inserts the gradient all-reduce.
 
 Multi-host: start one process per host (or per GPU) and call `init_distributed` before anything touches the
-devices; each process loads its own rows (`SFTLoader` slices by process index) and `put_batch` assembles the
+devices; each process loads its own samples (`SFTLoader` slices by process index) and `put_batch` assembles the
 global array from the per-process pieces.
 """
 from __future__ import annotations
@@ -37,18 +37,18 @@ def init_distributed(coordinator: Optional[str] = None, num_processes: Optional[
 
 
 def cpu_device_count(requested: int, rows: int, cores: Optional[int] = None, cap: int = 8) -> int:
-    """How many XLA devices to split this host's CPU into: `requested` if > 0, else (auto) the largest divisor of
-    `rows` (this process's batch rows) that is at most min(cores, cap)."""
+    """How many XLA devices to split this host's CPU into: `requested` if > 0, else (auto) one per core, at most
+    `cap` and at most `rows` (this process's samples per step: a device with no row to run would only idle)."""
     if requested > 0:
         return requested
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(d for d in range(1, max(1, min(cores, cap, rows)) + 1) if rows % d == 0)
+    return max(1, min(cores, cap, rows))
 
 
 def configure_cpu_devices(requested: int, global_rows: int, num_processes: Optional[int] = None) -> Optional[int]:
     """Split the host CPU into several XLA devices (data parallel over its cores); call before JAX starts.
-    global_rows: the global batch; each process's share (num_processes or JAX_NUM_PROCESSES) is what gets split.
+    global_rows: the global batch (samples); each process's share (num_processes or JAX_NUM_PROCESSES) counts.
 
     Why (measured, not derived): on 2 cores one XLA:CPU device leaves part of the cores idle during a LoRA step;
     with one device per core, each running its share of the rows, a MiniMind2-small B4xT256 step is ~7% faster
@@ -80,20 +80,13 @@ def make_mesh(devices=None) -> Mesh:
     return Mesh(np.asarray(devices), (AXIS,))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(AXIS))
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Rows [B, ...] split over `data`; chunked rows [C, P, ...] (train.step.prepare_batch) split on P."""
+    return NamedSharding(mesh, P(AXIS) if ndim < 3 else P(None, AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
-
-
-def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
-    n = mesh.devices.size
-    if global_batch_size % n:
-        raise ValueError(f"--batch_size {global_batch_size} is not divisible by the {n} devices of the data mesh "
-                         f"({jax.process_count()} process(es) x {jax.local_device_count()} local); use a multiple of {n}"
-                         + (" (on a CPU, --cpu_devices sets the local count)" if jax.default_backend() == "cpu" else ""))
 
 
 def replicate(tree, mesh: Mesh):
@@ -111,11 +104,12 @@ def replicate(tree, mesh: Mesh):
 
 
 def put_batch(batch: dict, mesh: Mesh) -> dict:
-    """This process's rows [B_local, ...] -> global arrays [B_local * process_count, ...] split over `data`."""
-    sharding = batch_sharding(mesh)
+    """This process's rows [B_local, ...] (or chunks [C, P_local, ...]) -> global arrays with the rows of every
+    process, in process order, split over `data`."""
     if jax.process_count() == 1:
-        return {k: jax.device_put(v, sharding) for k, v in batch.items()}
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+        return {k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), np.asarray(v))
+            for k, v in batch.items()}
 
 
 def agree_max(values) -> np.ndarray:

@@ -10,11 +10,17 @@ argument of the step, so they hold no gradient and no optimizer state. The step 
   (betas 0.9/0.999, eps 1e-8, decoupled weight decay 0.01) with the learning rate of that micro-step;
 - lr = MiniMind's `get_lr(s, total, lr) = lr * (0.1 + 0.45 * (1 + cos(pi * s / total)))`, s counted from 1.
 
-Speed: the vocabulary projection is computed only at the positions whose shifted label is not -100: the rows
-are split into `groups` equal groups (one per data-parallel device, so the gather stays on the device) and the
-labelled positions of each group are gathered into a [groups, cap, D] buffer (`cap` static, bucketed by
-`prepare_batch`) before `lm_head`; `cap=None` is the MiniMind way (logits at every position). Sequences are cut
-after the last labelled token (bucketed too); with causal attention nothing after it can change the loss.
+Batches of rows: a micro-batch is the rows of `--batch_size` samples (one per row padded, or packed several to a
+row), laid out by `prepare_batch` as chunks of P rows (one or a few per data device); the step loops over the
+chunks that hold rows and sums their gradients of sum(nll) / (labelled tokens of the whole micro-batch), which
+is the gradient of the micro-batch's mean loss. So the number of rows can change from step to step (it follows
+the samples' lengths) under one compiled program, and activations are held for one chunk at a time.
+
+Speed: the vocabulary projection is computed only at the positions whose shifted label is not -100: each
+device's rows of a chunk are one group whose labelled positions are gathered into a [groups, cap, D] buffer
+(`cap` static, bucketed by `prepare_batch`) before `lm_head`; `cap=None` is the MiniMind way (logits at every
+position). Rows are cut after the last labelled token (bucketed too); with causal attention nothing after it can
+change the loss.
 
 NaN/inf: a non-finite loss (or gradient norm) freezes the state: that step and every later one leave the
 adapter/optimizer untouched and `state.bad_step` records the first bad global micro-step, which the host checks
@@ -113,53 +119,64 @@ def bucket(n: int, hi: int, lo: int = 16) -> int:
     return min(size, hi)
 
 
-def prepare_batch(batch: dict, *, trim: bool = True, labels_only: bool = True, pad_id: Optional[int] = None,
-                  groups: int = 1) -> tuple[dict, Optional[int], dict]:
-    """Host side (numpy) shaping of one loader batch -> (arrays, label cap, stats).
+def prepare_batch(batch: dict, *, devices: int = 1, rows_per_device: int = 1, max_rows: Optional[int] = None,
+                  trim: bool = True, labels_only: bool = True, pad_id: Optional[int] = None) -> tuple[dict, int, Optional[int], dict]:
+    """Host side (numpy) shaping of one loader batch [R, T] -> (chunks, n_chunks, label cap, stats).
 
-    trim: cut every row after the last labelled token of the batch, to a bucketed length (exact for the loss of a
-      causal model; NOT for a MoE aux loss, which averages over every position, so callers pass trim=False then).
-    labels_only: cap = the largest count of labelled (shifted) positions in any of `groups` equal groups of rows,
-      bucketed (16, 24, 32, 48, ...; at most the group's B/groups*(T-1) positions); False -> cap None (full logits).
-    stats: {"tokens": non-padding tokens, "labelled": labelled tokens, "need_t", "need_cap"} (numpy ints).
+    chunks: every array as [C, P, T'] with P = devices * rows_per_device rows per chunk (rows_per_device per data
+      device) and C = ceil(max_rows / P) (static: max_rows is the most rows a batch of this run can have, so the
+      compiled shape never changes); only the first n_chunks = ceil(R / P) chunks hold rows, the step's loop runs
+      over those alone. Padding rows are empty (labels -100, segment 0).
+    trim: cut every row after the last labelled token of the batch, to a bucketed length T' (exact for the loss of
+      a causal model; NOT for a MoE aux loss, which averages over every position, so callers pass trim=False then).
+    labels_only: cap = (devices, C): C the largest count of labelled (shifted) positions of any device's rows in
+      any chunk, bucketed (16, 24, 32, 48, ...); the step projects only those to the vocabulary, gathering per
+      device (labelled_nll's groups). False -> cap None.
+    stats: {"tokens": non-padding tokens, "labelled": labelled tokens, "rows": R, "need_t", "need_cap"}.
     """
     labels = batch["labels"]
-    b, t = labels.shape
-    valid = labels[:, 1:] != IGNORE  # [B, T-1]
+    r, t = labels.shape
+    per = devices * rows_per_device
+    max_rows = r if max_rows is None else max(max_rows, r)
+    c_max, n_chunks = -(-max_rows // per), max(1, -(-r // per))
+    valid = labels[:, 1:] != IGNORE  # [R, T-1]
     if "segment_ids" in batch:
         tokens = int(np.count_nonzero(batch["segment_ids"]))
     elif pad_id is not None:
         tokens = int(np.count_nonzero(batch["input_ids"] != pad_id))
     else:
-        tokens = b * t
+        tokens = r * t
     cols = np.flatnonzero(valid.any(0))
     need_t = int(cols[-1]) + 2 if len(cols) else 2  # last labelled shifted column c is label position c+1
-    out = dict(batch)
-    if trim:
-        tb = bucket(need_t, t)
-        out = {k: v[:, :tb] for k, v in batch.items()}
-        valid = valid[:, : tb - 1]
-    if b % groups:
-        raise ValueError(f"batch of {b} rows cannot be split into {groups} label groups")
-    per_group = valid.reshape(groups, -1)
-    need_cap = int(per_group.sum(1).max())
-    cap = bucket(need_cap, per_group.shape[1]) if labels_only else None
-    stats = {"tokens": tokens, "labelled": int(valid.sum()), "need_t": need_t, "need_cap": need_cap}
-    return out, cap, stats
+    tb = bucket(need_t, t) if trim else t
+    out = {}
+    for k, v in batch.items():
+        fill = IGNORE if k == "labels" else (pad_id or 0) if k == "input_ids" else 0
+        full = np.full((c_max * per, tb), fill, v.dtype)
+        full[:r] = v[:, :tb]
+        out[k] = full.reshape(c_max, per, tb)
+    per_group = (out["labels"][:, :, 1:] != IGNORE).reshape(c_max, devices, -1).sum(-1)  # [C, devices]
+    need_cap = int(per_group.max())
+    cap = (devices, bucket(need_cap, rows_per_device * (tb - 1))) if labels_only else None
+    stats = {"tokens": tokens, "labelled": int(valid.sum()), "rows": r, "need_t": need_t, "need_cap": need_cap}
+    return out, n_chunks, cap, stats
 
 
 # ------------------------------------------------------------------------------------------- loss
 
 
-def labelled_cross_entropy(model, params, hidden, labels, cap: Optional[int], groups: int = 1):
-    """MiniMind's shifted CE (mean over labels != -100) from hidden states [B, T, D].
+def labelled_nll(model, params, hidden, labels, cap: Optional[int], groups: int = 1):
+    """MiniMind's shifted cross-entropy terms from hidden states [B, T, D]: -> (sum of -log p over the labelled
+    positions, their count); MiniMind's loss is sum / count over the whole batch.
 
     cap=None: logits at all B*(T-1) positions (MiniMind). cap=C: the rows are split into `groups` equal groups
-    (G), the first C labelled positions of each group are gathered into [G, C, D] and only those are projected
-    to the vocabulary; C must be >= the largest per-group count (prepare_batch guarantees it).
+    (G, one per data device, so the gather stays on the device), the first C labelled positions of each group are
+    gathered into [G, C, D] and only those are projected to the vocabulary; C must be >= the largest per-group
+    count (prepare_batch guarantees it).
     """
     h, tgt = hidden[:, :-1], labels[:, 1:]
     valid = tgt != IGNORE  # [B, T-1]
+    count = jnp.sum(valid)
     if cap is not None:
         n = valid.shape[0] * valid.shape[1] // groups
         if cap < n:  # else every position is kept: nothing to gather
@@ -172,45 +189,72 @@ def labelled_cross_entropy(model, params, hidden, labels, cap: Optional[int], gr
     logits = model.apply({"params": params}, h, method="logits").astype(jnp.float32)  # [B or G, T-1 or C, V]
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, jnp.where(valid, tgt, 0)[..., None], axis=-1)[..., 0]
-    nll = jnp.where(valid, lse - picked, 0.0)
-    return jnp.sum(nll) / jnp.maximum(jnp.sum(valid), 1)
+    return jnp.sum(jnp.where(valid, lse - picked, 0.0)), count
 
 
-def loss_fn(adapter, params, batch: dict, *, model, cap: Optional[int], rng=None, deterministic: bool = False,
-            groups: int = 1):
-    """-> (ce + aux, (ce, aux)) for one micro-batch."""
+def loss_terms(adapter, params, batch: dict, *, model, cap: Optional[int], rng=None, deterministic: bool = False,
+               groups: int = 1):
+    """One forward pass over rows [B, T] -> (nll sum, labelled count, MoE aux loss)."""
     kw = {}
     if rng is not None and model.config.dropout > 0 and not deterministic:
         kw["rngs"] = {"dropout": rng}
     out = lora_lib.apply(model, params, adapter, batch["input_ids"], positions=batch.get("positions"),
                          segment_ids=batch.get("segment_ids"), deterministic=deterministic, logits_to_keep=1, **kw)
-    ce = labelled_cross_entropy(model, params, out.hidden_states, batch["labels"], cap, groups)
+    nll, count = labelled_nll(model, params, out.hidden_states, batch["labels"], cap, groups)
     aux = out.aux_loss if out.aux_loss is not None else jnp.zeros((), jnp.float32)
+    return nll, count, aux
+
+
+def loss_fn(adapter, params, batch: dict, *, model, cap: Optional[int], rng=None, deterministic: bool = False,
+            groups: int = 1):
+    """MiniMind's loss of one batch of rows [B, T]: -> (ce + aux, (ce, aux)), ce the mean over labelled tokens."""
+    nll, count, aux = loss_terms(adapter, params, batch, model=model, cap=cap, rng=rng, deterministic=deterministic,
+                                 groups=groups)
+    ce = nll / jnp.maximum(count, 1)
     return ce + aux, (ce, aux)
 
 
 # ------------------------------------------------------------------------------------------- step
 
 
-def make_train_step(model, tx, *, accumulation_steps: int = 1, grad_clip: float = 1.0, state_sharding=None,
-                    label_groups: int = 1):
-    """-> step(state, params, batch, lr, *, cap, update) -> (state, metrics); jitted, `state` donated.
+def make_train_step(model, tx, *, accumulation_steps: int = 1, grad_clip: float = 1.0, state_sharding=None):
+    """-> step(state, params, chunks, n_chunks, lr, *, cap, update) -> (state, metrics); jitted, `state` donated.
 
+    chunks: prepare_batch's [C, P, T] arrays (the batch's rows, P per chunk); the step runs the model over the
+    first `n_chunks` chunks one at a time (a loop with a traced trip count: one compiled program whatever the number
+    of rows) and sums their gradients of sum(nll) / (labelled tokens of the whole batch) + aux / n_chunks, which is
+    exactly the gradient of MiniMind's loss of the whole batch (mean over its labelled tokens); a MoE aux loss is
+    the mean of the chunks' (MiniMind's over the whole batch when it is one chunk).
     `update` (static): apply the optimizer after adding this micro-batch's gradients (MiniMind: every
-    `accumulation_steps` micro-steps and at the end of an epoch). `cap` (static) and `label_groups` (the data
-    devices; prepare_batch's `groups`): see labelled_cross_entropy.
+    `accumulation_steps` micro-steps and at the end of an epoch). `cap` (static): prepare_batch's (groups, C) or
+    None, see labelled_nll.
     metrics: {"loss": ce + aux, "aux_loss", "grad_norm" (last update's), "bad_step"} as device scalars.
     """
     acc = float(accumulation_steps)
 
-    def step(state: TrainState, params, batch, lr, *, cap, update):
+    def step(state: TrainState, params, chunks, n_chunks, lr, *, cap, update):
         rng = jax.random.fold_in(state.rng, state.micro)
-        grad_fn = jax.value_and_grad(lambda a: _scaled(loss_fn(a, params, batch, model=model, cap=cap, rng=rng,
-                                                         groups=label_groups), acc),
-                                     has_aux=True)
-        (_, (ce, aux)), grads = grad_fn(state.adapter)
+        total = jnp.maximum(jnp.sum(chunks["labels"][..., 1:] != IGNORE), 1).astype(jnp.float32)
+        n = jnp.maximum(n_chunks, 1).astype(jnp.float32)
+
+        def chunk_loss(adapter, i):
+            rows = {k: jax.lax.dynamic_index_in_dim(v, i, 0, keepdims=False) for k, v in chunks.items()}
+            groups, c = cap if cap is not None else (1, None)
+            nll, _, aux = loss_terms(adapter, params, rows, model=model, cap=c, rng=jax.random.fold_in(rng, i),
+                                     groups=groups)
+            return (nll / total + aux / n) / acc, (nll, aux)
+
+        def body(i, carry):
+            nll_sum, aux_sum, grads = carry
+            (_, (nll, aux)), g = jax.value_and_grad(chunk_loss, has_aux=True)(state.adapter, i)
+            return nll_sum + nll, aux_sum + aux, jax.tree.map(jnp.add, grads, g.weights)
+
+        zero = jnp.zeros((), jnp.float32)
+        nll_sum, aux_sum, grads = jax.lax.fori_loop(0, n_chunks, body,
+                                                    (zero, zero, jax.tree.map(jnp.zeros_like, state.adapter.weights)))
+        ce, aux = nll_sum / total, aux_sum / n
         loss = ce + aux
-        grad_acc = jax.tree.map(jnp.add, state.grad_acc, grads.weights)
+        grad_acc = jax.tree.map(jnp.add, state.grad_acc, grads)
         new = state.replace(grad_acc=grad_acc, micro=state.micro + 1)
         finite = jnp.isfinite(loss)
         if update:
@@ -233,11 +277,6 @@ def make_train_step(model, tx, *, accumulation_steps: int = 1, grad_clip: float 
     if state_sharding is not None:
         jit_kw["out_shardings"] = (state_sharding, state_sharding)
     return jax.jit(step, static_argnames=("cap", "update"), donate_argnums=(0,), **jit_kw)
-
-
-def _scaled(out, acc):
-    total, aux = out
-    return total / acc, aux
 
 
 def make_eval_loss(model, *, labels_only: bool = True):
