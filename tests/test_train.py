@@ -115,7 +115,7 @@ def test_labels_only_projection_equals_full_logits(dense, groups):
     """Projecting only the labelled positions (gathered per group of rows: 1 = the whole batch, 4 = per row)
     gives the full-logits loss and gradients."""
     model, params, adapter = dense
-    batch = _batch(3, b=4, t=40, prompt=20)
+    batch = _batch(3, b=4, t=40, prompt=28)  # fewer than half the positions labelled: the gather pays
     f = jax.jit(lambda a, b, c: S.loss_fn(a, params, b, model=model, cap=c, groups=groups)[0], static_argnums=2)
     chunks, _, (g_, cap), stats = S.prepare_batch(batch, devices=groups, rows_per_device=4 // groups)
     arrays = {k: v[0] for k, v in chunks.items()}  # the one chunk: [4, T]

@@ -112,6 +112,13 @@ class ResumeManager:
                                                         meta=ocp.args.JsonSave(meta)), force=True)
         self.manager.wait_until_finished()
 
+    def clear(self) -> list:
+        """Delete every saved step (a fresh run replaces an earlier run's resume state, as MiniMind's overwrite)."""
+        steps = list(self.manager.all_steps())
+        for s in steps:
+            self.manager.delete(s)
+        return steps
+
     def restore(self, target_tree, step: Optional[int] = None) -> Optional[tuple[Any, dict, int]]:
         """-> (state tree shaped/sharded like `target_tree`, meta, step), or None when nothing is saved."""
         ocp = self._ocp

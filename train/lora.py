@@ -335,6 +335,8 @@ def train(args) -> dict:
     state = step_lib.init_state(adapter, tx, seed=args.seed)
     state = sharding.replicate(state, mesh)
     train_step = _train_step(model, tx, args.accumulation_steps, args.grad_clip, rep)
+    compiled_before = sum(train_step.compile_s.values())  # the step's cache outlives a run (repeated main() calls)
+    compile_s = lambda: sum(train_step.compile_s.values()) - compiled_before  # noqa: E731
 
     save_dir = Path(args.save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
@@ -346,6 +348,9 @@ def train(args) -> dict:
                 "learning_rate": args.learning_rate, "rank": args.rank, "targets": adapter.targets,
                 "alpha": adapter.alpha, "num_samples": len(ds), "base_fingerprint": fingerprint}
     epoch0, step0, resumed_at = 0, 0, None
+    if not args.from_resume and main_proc and resume.latest_step() is not None:
+        log(f"fresh run: replacing the earlier run's resume state in {resume.directory} (steps "
+            f"{resume.clear()}); --from_resume 1 continues a run instead")
     if args.from_resume:
         got = resume.restore(state.to_tree())
         if got is None:
@@ -361,13 +366,6 @@ def train(args) -> dict:
             epoch0, step0 = int(meta["epoch"]), int(meta["step"])
             log(f"resumed from {resume.directory}/{resumed_at}: epoch {epoch0 + 1}, step {step0 + 1}")
 
-    prompts = [p for p in args.prompts.split("|") if p] if args.max_new_tokens > 0 else []
-    answers_before = []
-    if prompts and resumed_at is None:
-        answers_before = answer(params, config, state.adapter, tokenizer, prompts, args.max_new_tokens, dtype)
-        for q, a in zip(prompts, answers_before):
-            log(f"[before] {q} -> {a!r}")
-
     trim = not config.use_moe  # MoE aux loss averages over every position: keep MiniMind's full length
     devices = jax.local_device_count()
     rows_per_device = _rows_per_device(args, config, loader, devices)
@@ -375,6 +373,19 @@ def train(args) -> dict:
                                                max_rows=loader.max_rows, trim=trim, labels_only=bool(args.labels_only),
                                                pad_id=ds.pad_id)
     positions = [(e, s) for e in range(epoch0, args.epochs) for s in range(step0 if e == epoch0 else 0, iters[e])]
+    if positions and jax.process_count() == 1:  # compile the first batch's step while the prompts are answered
+        arrays, n_chunks, cap, _ = prepare(loader.get_batch(*positions[0]))
+        e, s = positions[0]
+        train_step.start(state, params, sharding.put_batch(arrays, mesh), np.int32(n_chunks), 0.0, cap=cap,
+                         update=(s + 1) % args.accumulation_steps == 0 or s + 1 == iters[e])
+
+    prompts = [p for p in args.prompts.split("|") if p] if args.max_new_tokens > 0 else []
+    answers_before = []
+    if prompts and resumed_at is None:
+        answers_before = answer(params, config, state.adapter, tokenizer, prompts, args.max_new_tokens, dtype)
+        for q, a in zip(prompts, answers_before):
+            log(f"[before] {q} -> {a!r}")
+
     metrics = MetricsWriter(save_dir / f"{args.lora_name}_metrics.jsonl", resume_step=resumed_at,
                             tensorboard_dir=(save_dir / "tensorboard" / args.lora_name) if args.tensorboard else None,
                             enabled=main_proc)
@@ -423,7 +434,8 @@ def train(args) -> dict:
                 dt = time.time() - window_t0
                 rec = {"step": g, "epoch": epoch + 1, "epoch_step": s, "loss": float(m["loss"]),
                        "aux_loss": float(m["aux_loss"]), "lr": lr, "grad_norm": float(m["grad_norm"]),
-                       "tokens_per_s": window_tokens / max(dt, 1e-9)}
+                       "tokens_per_s": window_tokens / max(dt, 1e-9), "rows": stats["rows"],
+                       "compile_s": round(compile_s(), 3)}
                 window_tokens, window_t0 = 0, time.time()
                 history.append(rec)
                 metrics.log(rec)
@@ -446,7 +458,9 @@ def train(args) -> dict:
         resume.close()
 
     summary = {"losses": [r["loss"] for r in history], "history": history, "adapter_path": str(adapter_file),
-               "metrics_path": str(metrics.path), "answers_before": answers_before, "steps": len(positions)}
+               "metrics_path": str(metrics.path), "answers_before": answers_before, "steps": len(positions),
+               "compile_s": compile_s()}
+    log(f"train step compiled in {summary['compile_s']:.1f} s ({len(train_step.compile_s)} shape(s) of batch)")
     if main_proc and history:
         png = save_dir / f"{args.lora_name}_loss.png"
         skipped = plot_loss(metrics.path, png, title=f"{args.lora_name} (rank {args.rank})")
@@ -473,8 +487,8 @@ def _train_step(model, tx, accumulation_steps, grad_clip, sharding):
 
     key = (model.config, str(model.dtype), accumulation_steps, grad_clip, tuple(d.id for d in sharding.mesh.devices.flat))
     if key not in _STEP_CACHE:
-        _STEP_CACHE[key] = step_lib.make_train_step(model, tx, accumulation_steps=accumulation_steps,
-                                                    grad_clip=grad_clip, state_sharding=sharding)
+        _STEP_CACHE[key] = step_lib.CompiledSteps(step_lib.make_train_step(
+            model, tx, accumulation_steps=accumulation_steps, grad_clip=grad_clip, state_sharding=sharding))
     return _STEP_CACHE[key]
 
 

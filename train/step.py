@@ -28,7 +28,10 @@ when it syncs anyway (log and save steps), so no step ever syncs just for this.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import math
+import threading
+import time
 from functools import partial
 from typing import Any, Optional
 
@@ -131,7 +134,7 @@ def prepare_batch(batch: dict, *, devices: int = 1, rows_per_device: int = 1, ma
       a causal model; NOT for a MoE aux loss, which averages over every position, so callers pass trim=False then).
     labels_only: cap = (devices, C): C the largest count of labelled (shifted) positions of any device's rows in
       any chunk, bucketed (16, 24, 32, 48, ...); the step projects only those to the vocabulary, gathering per
-      device (labelled_nll's groups). False -> cap None.
+      device (labelled_nll's groups). None (full logits) when labels_only is False or C is over half the positions.
     stats: {"tokens": non-padding tokens, "labelled": labelled tokens, "rows": R, "need_t", "need_cap"}.
     """
     labels = batch["labels"]
@@ -157,7 +160,10 @@ def prepare_batch(batch: dict, *, devices: int = 1, rows_per_device: int = 1, ma
         out[k] = full.reshape(c_max, per, tb)
     per_group = (out["labels"][:, :, 1:] != IGNORE).reshape(c_max, devices, -1).sum(-1)  # [C, devices]
     need_cap = int(per_group.max())
-    cap = (devices, bucket(need_cap, rows_per_device * (tb - 1))) if labels_only else None
+    positions = rows_per_device * (tb - 1)
+    cap = bucket(need_cap, positions)
+    # Gathering pays only when it drops most positions; short of that, full logits keep the compiled shapes few.
+    cap = (devices, cap) if labels_only and cap <= positions // 2 else None
     stats = {"tokens": tokens, "labelled": int(valid.sum()), "rows": r, "need_t": need_t, "need_cap": need_cap}
     return out, n_chunks, cap, stats
 
@@ -277,6 +283,58 @@ def make_train_step(model, tx, *, accumulation_steps: int = 1, grad_clip: float 
     if state_sharding is not None:
         jit_kw["out_shardings"] = (state_sharding, state_sharding)
     return jax.jit(step, static_argnames=("cap", "update"), donate_argnums=(0,), **jit_kw)
+
+
+class CompiledSteps:
+    """The train step compiled ahead of time, once per (array shapes, cap, update), with the compile time of each.
+
+    `start(...)` compiles a variant in a background thread (e.g. the first batch's while the trainer answers its
+    prompts or loads data: XLA:CPU compiles on one core); `__call__` waits for it, or compiles what it has not seen.
+    """
+
+    def __init__(self, jitted):
+        self.jitted, self.compiled, self.compile_s = jitted, {}, {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(chunks, cap, update):
+        return tuple((k, v.shape) for k, v in sorted(chunks.items())), cap, update
+
+    def _compile(self, key, state, params, chunks, n_chunks, lr, cap, update):
+        t0 = time.perf_counter()
+        out = self.jitted.lower(state, params, chunks, n_chunks, lr, cap=cap, update=update).compile()
+        self.compile_s[key] = time.perf_counter() - t0
+        return out
+
+    def start(self, state, params, chunks, n_chunks, lr, *, cap, update) -> None:
+        key = self.key(chunks, cap, update)
+        with self._lock:
+            if key in self.compiled:
+                return
+            fut = concurrent.futures.Future()
+            self.compiled[key] = fut
+        threading.Thread(target=lambda: _settle(fut, self._compile, key, state, params, chunks, n_chunks, lr, cap,
+                                                update), daemon=True).start()
+
+    def __call__(self, state, params, chunks, n_chunks, lr, *, cap, update):
+        key = self.key(chunks, cap, update)
+        with self._lock:
+            fut = self.compiled.get(key)
+            if fut is None:
+                fut = self.compiled[key] = concurrent.futures.Future()
+                owner = True
+            else:
+                owner = False
+        if owner:
+            _settle(fut, self._compile, key, state, params, chunks, n_chunks, lr, cap, update)
+        return fut.result()(state, params, chunks, n_chunks, lr)
+
+
+def _settle(fut, fn, *args):
+    try:
+        fut.set_result(fn(*args))
+    except BaseException as e:  # surfaced by the caller's fut.result()
+        fut.set_exception(e)
 
 
 def make_eval_loss(model, *, labels_only: bool = True):
