@@ -75,7 +75,9 @@ def ours_epoch(args, variant: str, base, work: Path, tag: str) -> dict:
         raise SystemExit(f"{' '.join(cmd)} failed ({rc}):\n{out.with_suffix('.log').read_text()[-3000:]}")
     rows = [json.loads(line) for line in (out / "lora_identity_metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows]
+    shapes = re.findall(r"\((\d+) shape\(s\) of batch\)", out.with_suffix(".log").read_text(errors="replace"))
     return {"variant": variant, "wall_s": wall, "compile_s": rows[-1]["compile_s"], "updates": len(rows),
+            "shapes": int(shapes[-1]) if shapes else None,
             "loss_mean_last_quarter": statistics.mean(losses[-max(1, len(losses) // 4):]), "losses": losses,
             "peak_rss_mib": rss, "rows": sum(r["rows"] for r in rows)}
 
@@ -195,7 +197,8 @@ def report(rnd: dict) -> None:
         print(f"(2) PyTorch MiniMind: epoch {t['epoch_wall_s']:.1f} s (process {t['wall_s']:.1f} s), {t['updates']} "
               f"updates, last-quarter loss {t['loss_mean_last_quarter']:.4f}, peak RSS {t['peak_rss_mib']:.0f} MiB")
     for o in rnd.get("ours_epoch", []):
-        line = (f"(2) ours {o['variant']:8s}: process {o['wall_s']:.1f} s (compile {o['compile_s']:.1f} s), "
+        line = (f"(2) ours {o['variant']:8s}: process {o['wall_s']:.1f} s (compile {o['compile_s']:.1f} s, "
+                f"{o['shapes']} shapes), "
                 f"{o['updates']} updates, {o['rows']} rows, last-quarter loss {o['loss_mean_last_quarter']:.4f}, "
                 f"peak RSS {o['peak_rss_mib']:.0f} MiB")
         if t:

@@ -20,25 +20,30 @@ one; both truncated to max_seq_len). The system prompt variant is `prefix_ids[k]
 splits, so the concatenation equals tokenizing the whole text (checked at load time). Hence the ratios and the
 seed are not part of the key.
 
-Batches (`SFTLoader`) are dicts of numpy arrays, B = this host's rows = global_batch_size // process_count:
-  padded mode (packed=False; MiniMind-exact):
-    input_ids [B, max_seq_len] int32  right-padded with pad_token_id
-    labels    [B, max_seq_len] int32  -100 = not supervised
-  packed mode (packed=True; several samples per row, no compute wasted on padding):
-    input_ids   [B, T] int32  samples laid end to end, then pad_token_id
-    labels      [B, T] int32  each sample's own labels; the first token of every sample is -100
-    segment_ids [B, T] int32  1..n for the samples of a row, 0 for padding
-    positions   [B, T] int32  0, 1, 2, ... restarting at each sample (RoPE), 0 on padding
-Label convention (both modes, as in MiniMind): the MODEL shifts: loss = CE(logits[:, :-1], labels[:, 1:]) over
+Batches (`SFTLoader`): `batch_size` samples per global step in every mode, as MiniMind's `--batch_size`
+(ceil(N / batch_size) steps per epoch); host p takes the p-th contiguous share of each step's samples:
+  padded mode (packed=False; MiniMind-exact), one sample per row:
+    input_ids [B, max_seq_len] int32  right-padded with pad_token_id (B = the host's share; a short last batch
+    labels    [B, max_seq_len] int32  keeps B rows, the missing ones empty); -100 = not supervised
+  packed mode (packed=True): exactly the same samples, packed best-fit-decreasing into as few rows as they need
+  (R varies from step to step; T = the candidate row length that wastes least, see SFTLoader):
+    input_ids   [R, T] int32  samples laid end to end, then pad_token_id
+    labels      [R, T] int32  each sample's own labels; the first token of every sample is -100
+    segment_ids [R, T] int32  1..n for the samples of a row, 0 for padding
+    positions   [R, T] int32  0, 1, 2, ... restarting at each sample (RoPE), 0 on padding
+  token-budget mode (batch_tokens=...; explicit, TRL-style): the whole epoch is packed into rows (best fit within
+  windows of the shuffled order) and each step takes batch_tokens // seq_len of them: fewer, larger steps, so it
+  changes the optimisation; never the default.
+Label convention (all modes, as in MiniMind): the MODEL shifts: loss = CE(logits[:, :-1], labels[:, 1:]) over
 labels != -100, i.e. position t predicts token t+1. Because every segment starts with label -100, no position
-ever predicts a token of the next sample; attention must be causal AND within equal, non-zero segment_ids.
-A short last batch is filled with empty rows (pad ids, labels -100, segment 0) unless drop_last=True.
-Sharding: all hosts compute the same epoch plan (seeded permutation; in packed mode also the rows); global step s
-is plan rows [s*G, (s+1)*G) and host p takes its contiguous B-row slice, so the host slices stack into the global
-batch in process order; B should divide over the local devices. Resume: `loader.state_dict()` / `load_state_dict`
-with {"epoch", "step"}: a resumed loader yields exactly the batches an uninterrupted one would.
-Plain numpy rather than grain: the packed plan is a per-epoch function of all sample lengths, which does not fit
-grain's per-record sampler, and random access by (epoch, step) makes resume trivial.
+ever predicts a token of the next sample; attention must be causal AND within equal, non-zero segment_ids. So a
+packed step has the padded step's labelled tokens, and its mean loss and gradients (train.step sums over rows).
+group_by_length (HF Trainer's): batches of samples of similar lengths (less padding, same samples per step).
+Resume: `loader.state_dict()` / `load_state_dict` with {"epoch", "step"}: a resumed loader yields exactly the
+batches an uninterrupted one would.
+Plain numpy rather than grain: a step's rows are a function of all its samples' lengths (and the token-budget plan
+of the whole epoch's), which does not fit grain's per-record sampler, and random access by (epoch, step) makes
+resume trivial.
 """
 from __future__ import annotations
 
@@ -442,13 +447,18 @@ class SFTLoader:
       (less packing waste, same number of samples per step, different batches).
     batch_tokens: the token-budget mode instead (TRL-style, changes the optimisation): the whole epoch is packed
       into rows of seq_len and each step takes batch_tokens // seq_len rows, however many samples they hold.
+    row_lengths / row_multiple (packed sample batches): the row length follows the batch: each step's samples are
+      packed at every candidate length that holds its longest sample (default: seq_len only) and the one with the
+      fewest tokens in ceil(rows / row_multiple) * row_multiple rows wins (row_multiple: the rows a forward pass
+      runs at once, e.g. one per data device), so a batch of short samples gets short rows.
     """
 
     def __init__(self, dataset: SFTDataset, batch_size: int, *, packed: bool = False, batch_tokens: Optional[int] = None,
                  group_by_length: bool = False, seq_len: Optional[int] = None, seed: int = 42, shuffle: bool = True,
                  add_system_ratio: float = 0.2, empty_think_ratio: float = 0.2, drop_last: bool = False,
                  num_epochs: Optional[int] = None, process_index: Optional[int] = None,
-                 process_count: Optional[int] = None, pack_window: int = 4096):
+                 process_count: Optional[int] = None, pack_window: int = 4096, row_lengths: Sequence[int] = (),
+                 row_multiple: int = 1):
         if process_index is None or process_count is None:
             import jax
 
@@ -479,6 +489,8 @@ class SFTLoader:
         self.group_by_length, self.seed, self.shuffle = group_by_length, seed, shuffle
         self.add_system_ratio, self.empty_think_ratio, self.drop_last = add_system_ratio, empty_think_ratio, drop_last
         self.num_epochs, self.pack_window = num_epochs, pack_window
+        self.row_lengths = sorted({min(int(t), self.seq_len) for t in row_lengths} | {self.seq_len})
+        self.row_multiple = max(1, int(row_multiple))
         self.process_index, self.process_count = process_index, process_count
         self.host_unit = unit // process_count  # samples (or token-mode rows) of each host per step
         self.epoch, self.step = 0, 0  # next batch to produce
@@ -524,7 +536,28 @@ class SFTLoader:
         mine = p.order[first : first + self.host_unit]  # fewer (or none) in a short last batch
         if not self.packed:
             return [[int(i)] for i in mine]
-        return pack_rows(mine, p.lengths, self.seq_len)
+        return self._pack(mine, p.lengths)[1]
+
+    def _pack(self, samples: np.ndarray, lengths: np.ndarray) -> tuple[int, list]:
+        """-> (row length, rows): the candidate length whose packing needs the fewest padded tokens."""
+        longest = int(lengths[samples].max()) if len(samples) else 1
+        best = None
+        for t in self.row_lengths:
+            if t < longest:
+                continue
+            rows = pack_rows(samples, lengths, t)
+            cost = -(-max(len(rows), 1) // self.row_multiple) * t
+            if best is None or cost < best[0]:
+                best = (cost, t, rows)
+        return best[1], best[2]
+
+    def row_length(self, epoch: int, step: int) -> int:
+        """The row length of this host's batch `step` (seq_len but in packed sample batches of short samples)."""
+        if not self.packed or self.batch_tokens is not None or len(self.row_lengths) == 1:
+            return self.seq_len
+        p = self.plan(epoch)
+        first = step * self.batch_size + self.process_index * self.host_unit
+        return self._pack(p.order[first : first + self.host_unit], p.lengths)[0]
 
     def fill_ratio(self, epoch: int) -> float:
         """Fraction of real tokens in the rows this host's batches hold over an epoch (padding efficiency)."""
@@ -532,8 +565,8 @@ class SFTLoader:
         for s in range(self.steps_in_epoch(epoch)):
             host = self.host_samples(epoch, s)
             real += int(sum(p.lengths[i] for r in host for i in r))
-            rows += max(len(host), 1) if self.packed else self.host_unit
-        return real / max(rows * self.seq_len, 1)
+            rows += (max(len(host), 1) if self.packed else self.host_unit) * self.row_length(epoch, s)
+        return real / max(rows, 1)
 
     # -- batches
     def get_batch(self, epoch: int, step: int) -> dict:
@@ -544,7 +577,7 @@ class SFTLoader:
         """
         p, ds = self.plan(epoch), self.ds
         host = self.host_samples(epoch, step)
-        B, T = (max(len(host), 1) if self.packed else self.host_unit), self.seq_len
+        B, T = (max(len(host), 1) if self.packed else self.host_unit), self.row_length(epoch, step)
         ids = np.full((B, T), ds.pad_id, np.int32)  # [B, T]
         labels = np.full((B, T), IGNORE, np.int32)  # [B, T]
         if not self.packed:

@@ -42,7 +42,7 @@ PROMPTS = ("你是谁？", "Who are you?")
 # A random base has no language to build on, so the demo adapts every projection (MiniMind's square-kernel rule
 # leaves too little capacity to learn answers from scratch in minutes) and renders conversations exactly like the
 # generation prompt (no random system prompt, empty think block kept).
-DEMO = {"epochs": 10, "learning_rate": 4e-3, "batch_size": 1, "targets": "all-linear",
+DEMO = {"epochs": 10, "learning_rate": 4e-3, "batch_size": 16, "targets": "all-linear",
         "add_system_ratio": 0.0, "empty_think_ratio": 1.0}
 ACCEL_CHUNK_TOKENS = 8192  # rows per forward pass on accelerators, which want large matmuls
 REAL = {"epochs": 10, "learning_rate": 1e-4, "batch_size": 32, "targets": "square",  # MiniMind's defaults
@@ -304,11 +304,16 @@ def train(args) -> dict:
                          f"{config.vocab_size}")
     ds = load_sft_dataset(data_paths, tokenizer, max_seq_len=args.max_seq_len, cache_dir=args.cache_dir,
                           skip_bad_lines=args.skip_bad_lines)
+    devices = jax.local_device_count()
+    host_rows = (args.batch_tokens // args.max_seq_len if args.batch_tokens else args.batch_size) // jax.process_count()
+    rows_per_device = _rows_per_device(args, config, max(host_rows, 1), devices)
+    half = -(-args.max_seq_len // 32) * 16  # a second row length for batches of short samples (one more compile)
     try:
         loader = SFTLoader(ds, args.batch_size, packed=bool(args.pack), batch_tokens=args.batch_tokens,
                            group_by_length=bool(args.group_by_length), seed=args.seed,
                            add_system_ratio=args.add_system_ratio, empty_think_ratio=args.empty_think_ratio,
-                           num_epochs=args.epochs)
+                           num_epochs=args.epochs, row_lengths=(half,) if half >= 64 else (),
+                           row_multiple=devices * rows_per_device)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     iters = [loader.steps_in_epoch(e) for e in range(args.epochs)]
@@ -320,10 +325,11 @@ def train(args) -> dict:
     log(adapter_note)
     log(f"LLM total params: {(n_base + n_lora) / 1e6:.3f} M | LoRA params: {n_lora / 1e6:.3f} M | "
         f"LoRA ratio: {n_lora / (n_base + n_lora) * 100:.2f}%")
+    rows = (f"packed into rows of {' or '.join(map(str, loader.row_lengths[::-1]))} tokens" if args.pack else
+            f"padded to rows of {loader.seq_len}")
     per_step = (f"{loader.rows_per_step} rows of {loader.seq_len} tokens per step (--batch_tokens {args.batch_tokens}; "
                 "--batch_size not used)" if args.batch_tokens else
-                f"{args.batch_size} samples per step{', grouped by length' if args.group_by_length else ''}, "
-                f"{'packed into' if args.pack else 'padded to'} rows of {loader.seq_len}")
+                f"{args.batch_size} samples per step{', grouped by length' if args.group_by_length else ''}, {rows}")
     log(f"data: {len(ds)} samples from {', '.join(data_paths)}; {per_step} (fill {loader.fill_ratio(0) * 100:.0f}%); "
         f"{iters[0]} steps/epoch x {args.epochs} epochs on {mesh.devices.size} device(s), "
         f"accumulation {args.accumulation_steps}, dtype {args.dtype}")
@@ -366,9 +372,9 @@ def train(args) -> dict:
             epoch0, step0 = int(meta["epoch"]), int(meta["step"])
             log(f"resumed from {resume.directory}/{resumed_at}: epoch {epoch0 + 1}, step {step0 + 1}")
 
-    trim = not config.use_moe  # MoE aux loss averages over every position: keep MiniMind's full length
-    devices = jax.local_device_count()
-    rows_per_device = _rows_per_device(args, config, loader, devices)
+    # Padded rows are cut after the batch's last label (packed rows are sized by the packer); not with MoE, whose
+    # aux loss averages over every position of MiniMind's full length.
+    trim = not config.use_moe and not args.pack
     prepare = lambda b: step_lib.prepare_batch(b, devices=devices, rows_per_device=rows_per_device,
                                                max_rows=loader.max_rows, trim=trim, labels_only=bool(args.labels_only),
                                                pad_id=ds.pad_id)
@@ -499,17 +505,17 @@ def _pad_to(x: np.ndarray, t: int, key: str) -> np.ndarray:
     return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, t - x.shape[-1])], constant_values=fill)
 
 
-def _rows_per_device(args, config, loader, devices: int) -> int:
+def _rows_per_device(args, config, host_rows: int, devices: int) -> int:
     """Rows each device runs per forward pass inside a step (train.step: the step loops over chunks of these)."""
     import jax
 
     if config.use_moe and not args.pack:  # one chunk: MiniMind's aux loss over the whole padded batch
-        return -(-loader.max_rows // devices)
+        return -(-host_rows // devices)
     if args.rows_per_device > 0:
         return args.rows_per_device
     if jax.default_backend() == "cpu":  # one row keeps the last chunk's padding rows few; bigger gains nothing here
         return 1
-    return max(1, min(ACCEL_CHUNK_TOKENS // loader.seq_len, -(-loader.max_rows // devices)))
+    return max(1, min(ACCEL_CHUNK_TOKENS // args.max_seq_len, -(-host_rows // devices)))
 
 
 def main(argv: Optional[list] = None) -> dict:
