@@ -118,7 +118,7 @@ def main(argv=None):
         merged = lora.merge(params, ads[0])
         sec_merged, _ = timed(lambda: generate(merged, config, ids, **kw), args.repeats)
         row_ids = np.arange(b) % args.adapters
-        sec_mixed, _ = timed(lambda: generate(params, config, ids, adapters=ads, adapter_ids=row_ids, **kw),
+        sec_mixed, _ = timed(lambda: generate(params, config, ids, lora=lora.collection(ads, row_ids, batch=b), **kw),
                              args.repeats)
         ratio = sec_mixed / sec_merged
         print(f"batch {b:3d}, one merged adapter: {b * args.new_tokens / sec_merged:9.1f} tokens/s; "

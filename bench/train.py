@@ -148,7 +148,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.smoke:
         args.hidden_size, args.num_hidden_layers, args.batch, args.seq, args.steps = 32, 1, 2, 32, 2
-        args.data, args.tokenizer, args.max_seq_len, args.batch_size = ROOT / "data" / "lora_identity.jsonl", ROOT / "data" / "tokenizer", 128, 64
+        args.data, args.tokenizer, args.max_seq_len, args.batch_size = ROOT / "train" / "assets" / "lora_identity.jsonl", ROOT / "minimind_jax" / "assets" / "tokenizer", 128, 64
     modes = {int(m) for m in args.modes.split(",") if m}
     variants = [v for v in args.variants.split(",") if v]
     if not modes or modes - {1, 2} or set(variants) - set(VARIANTS):

@@ -18,7 +18,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train import sharding as SH  # noqa: E402  (before JAX starts: the CPU split)
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import lora  # noqa: E402
+from minimind_jax import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
+from train import sharding as SH  # noqa: E402
+from train import step as S  # noqa: E402
 
 
 def main(argv=None):
@@ -31,16 +38,7 @@ def main(argv=None):
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--cpu_devices", type=int, default=0)
     args = p.parse_args(argv)
-    SH.configure_cpu_devices(args.cpu_devices, args.batch)
-
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    import lora
-    from minimind_jax import MiniMindConfig, MiniMindForCausalLM
-    from train import step as S
-
+    SH.configure_cpu_devices(args.cpu_devices, args.batch)  # before anything touches the devices
     mesh = SH.make_mesh()
     cfg = MiniMindConfig.minimind2_small(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers)
     model = MiniMindForCausalLM(cfg)

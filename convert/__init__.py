@@ -7,28 +7,13 @@
 
 CLIs: `python -m convert.to_torch ...` (to MiniMind/PEFT) and `python -m convert.from_torch ...` (to orbax).
 """
-import importlib
+from .adapter_io import (BaseMismatchWarning, adapter_from_minimind, adapter_to_minimind, check_adapter, fingerprint,
+                         load_adapter, read_adapter_metadata, save_adapter)
+from .model_io import (ConfigInferredWarning, infer_config, load_model, params_to_state_dict, save_model,
+                       state_dict_layout, state_dict_to_params)
+from .util import CheckpointError
 
-# Lazy attributes (PEP 562): `lora.targets` imports `convert.keys`, and the adapter code imports `lora`, so the
-# package must not import its submodules eagerly.
-_EXPORTS = {
-    "adapter_io": ["load_adapter", "save_adapter", "read_adapter_metadata", "fingerprint", "check_adapter",
-                   "adapter_from_minimind", "adapter_to_minimind", "BaseMismatchWarning"],
-    "model_io": ["load_model", "save_model", "infer_config", "state_dict_layout", "state_dict_to_params",
-                 "params_to_state_dict", "ConfigInferredWarning"],
-    "util": ["CheckpointError"],
-}
-_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
-__all__ = list(_WHERE)
-
-
-def __getattr__(name):
-    if name in _WHERE:
-        value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__all__ = ["load_adapter", "save_adapter", "read_adapter_metadata", "fingerprint", "check_adapter",
+           "adapter_from_minimind", "adapter_to_minimind", "BaseMismatchWarning", "load_model", "save_model",
+           "infer_config", "state_dict_layout", "state_dict_to_params", "params_to_state_dict",
+           "ConfigInferredWarning", "CheckpointError"]

@@ -22,7 +22,7 @@ from minimind_jax.config import MiniMindConfig
 
 from . import checkpoint as ckpt
 from . import peft as peft_io
-from .keys import LORA_KEY_RE, lora_key, module_name, module_path, strip_prefix
+from minimind_jax.keys import LORA_KEY_RE, lora_key, module_name, module_path, strip_prefix
 from .model_io import (TORCH_SUFFIXES, ConfigLike, _torch_order, load_model, param_shapes, resolve_config,
                        sniff_kind)
 from .safetensors_io import read_safetensors, write_safetensors

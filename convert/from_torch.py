@@ -13,6 +13,8 @@ from typing import Optional, Sequence
 
 import jax
 
+from .adapter_io import detect, load_adapter, load_base, save_adapter
+from .model_io import load_model, save_model
 from .util import CheckpointError, print_written, split_minimind_name
 
 
@@ -41,7 +43,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _adapter(args, inp: Path, out: Path) -> None:
-    from .adapter_io import load_adapter, load_base, save_adapter
     cfg = params = None
     if args.base:
         cfg, params = load_base(args.base)
@@ -60,7 +61,6 @@ def _adapter(args, inp: Path, out: Path) -> None:
 
 
 def _model(args, inp: Path, out: Path) -> None:
-    from .model_io import load_model, save_model
     cfg, params = load_model(inp, config=args.config, dtype=args.dtype)
     save_model(params, cfg, out, overwrite=args.force)
     keys = ["/".join(str(getattr(k, "key", k)) for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
@@ -72,7 +72,6 @@ def _model(args, inp: Path, out: Path) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        from .adapter_io import detect
         inp = Path(args.input)
         kind = "adapter" if args.format == "peft" else detect(inp)
         if kind == "model" and args.base:

@@ -1,7 +1,7 @@
 """Whole MiniMind models: `.pth` / `.safetensors` / orbax params checkpoints <-> (MiniMindConfig, params).
 
 The state-dict layout (keys, torch shapes, MiniMind's key order) is derived from the Flax model itself
-(`jax.eval_shape` of its init) through the naming table in `convert.keys`, so a checkpoint is checked against
+(`jax.eval_shape` of its init) through the naming table in `minimind_jax.keys`, so a checkpoint is checked against
 exactly what `MiniMindForCausalLM(config)` needs. MiniMind's state dict always holds `lm_head.weight`; when
 embeddings are tied it is the same tensor as `model.embed_tokens.weight` (one storage in a plain torch.save,
 two equal copies after MiniMind's `.half()` checkpointing or in safetensors).
@@ -19,9 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from minimind_jax.config import MiniMindConfig
+from minimind_jax.keys import flax_to_torch, strip_prefix, torch_to_flax
+from minimind_jax.model import MiniMindForCausalLM
 
 from . import checkpoint as ckpt
-from .keys import flax_to_torch, strip_prefix, torch_to_flax
 from .safetensors_io import read_safetensors, write_safetensors
 from .torch_io import read_pth, write_pth
 from .util import CheckpointError, PathLike, as_numpy, cast, parse_dtype, short_list
@@ -44,7 +45,6 @@ class ConfigInferredWarning(UserWarning):
 @functools.lru_cache(maxsize=32)
 def param_shapes(config: MiniMindConfig) -> dict:
     """The params tree of `MiniMindForCausalLM(config)` as jax.ShapeDtypeStructs (nothing is allocated)."""
-    from minimind_jax.model import MiniMindForCausalLM
     model = MiniMindForCausalLM(config)
     return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
 

@@ -16,6 +16,10 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
+import lora
+
+from .adapter_io import adapter_to_minimind, detect, load_adapter, read_adapter_metadata, save_adapter
+from .model_io import load_model, params_to_state_dict, save_model
 from .util import CheckpointError, print_written, split_minimind_name
 
 
@@ -43,7 +47,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _adapter_output(inp: Path, fmt: str) -> Path:
-    from .adapter_io import read_adapter_metadata
     stem = inp.name[: -len(inp.suffix)] if inp.suffix else inp.name
     name, hidden, moe = split_minimind_name(stem)
     if name is None:
@@ -59,7 +62,6 @@ def _adapter_output(inp: Path, fmt: str) -> Path:
 
 
 def _adapter(args, inp: Path) -> None:
-    from .adapter_io import adapter_to_minimind, load_adapter, save_adapter
     if args.merge or args.weights:
         raise ValueError("--merge/--weights apply to a model input; this input is an adapter")
     out = Path(args.output) if args.output else _adapter_output(inp, args.format)
@@ -90,9 +92,6 @@ def _adapter(args, inp: Path) -> None:
 
 
 def _model(args, inp: Path) -> None:
-    import lora
-    from .adapter_io import load_adapter
-    from .model_io import load_model, params_to_state_dict, save_model
     out = Path(args.output) if args.output else inp.parent / (inp.name.split(".")[0] + ".pth")
     if out.suffix not in (".pth", ".pt", ".bin", ".safetensors"):
         raise ValueError(f"{out}: to_torch writes .pth or .safetensors (use `python -m convert.from_torch` or "
@@ -126,7 +125,6 @@ def _model(args, inp: Path) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        from .adapter_io import detect
         inp = Path(args.input)
         (_adapter if detect(inp) == "adapter" else _model)(args, inp)
     except (CheckpointError, FileExistsError, FileNotFoundError, ValueError, ImportError) as e:

@@ -2,15 +2,17 @@
 
     adapter = lora.init(params, key, rank=8, targets=None)          # MiniMind's rule: square kernels
     out = lora.apply(model, params, adapter, input_ids)              # x@W + s*(x@A)@B (training forward)
+    c = lora.collection([a, b], adapter_ids=[0, 1])                 # the model's "lora" collection, per row
     merged = lora.merge(params, adapter); lora.unmerge(merged, adapter)
     lora.combine([a, b], [0.7, 0.3]); lora.svd_truncate(adapter, 4); lora.stack([a, b])
     opt = lora.make_optimizer(optax.adamw(1e-3), lora.trainable_mask({"lora": adapter, "params": params}, "norm"))
 """
 from .algebra import add, combine, concat, negate, scale, stack, svd_truncate, unstack
-from .core import Adapter, apply, delta, folded, init, merge, unmerge
+from .branch import apply, collection
+from .core import Adapter, delta, folded, init, merge, unmerge
 from .mask import make_optimizer, partition, trainable_labels, trainable_mask, unpartition
 from .targets import select as select_targets
 
-__all__ = ["Adapter", "init", "apply", "merge", "unmerge", "delta", "folded", "select_targets",
+__all__ = ["Adapter", "init", "apply", "collection", "merge", "unmerge", "delta", "folded", "select_targets",
            "add", "scale", "negate", "concat", "combine", "svd_truncate", "stack", "unstack",
            "trainable_mask", "trainable_labels", "make_optimizer", "partition", "unpartition"]

@@ -115,58 +115,6 @@ def folded(adapter: Adapter) -> dict:
     return out
 
 
-def apply(model, params: Params, adapter: Optional[Adapter], *args, adapter_ids=None, **kwargs):
-    """`model.apply` with the low-rank branch `x@W + s*(x@A)@B` at every adapted Linear.
-
-    No [I, O] delta is formed, so `jax.grad` w.r.t. the adapter costs O((I+O)R) per token and the base params can
-    stay frozen constants: use this for training. `adapter=None` is the base model.
-
-    With a stacked adapter (`lora.stack`), `adapter_ids` [B] (ints) names each batch row's adapter, -1 for none;
-    each row then equals that adapter applied alone. Rows are gathered per module, so the batch costs one
-    batched matmul per adapted Linear regardless of how many distinct adapters it mixes.
-    """
-    variables = {"params": params}
-    if adapter is not None:
-        stacked = adapter.stacked
-        if stacked and adapter_ids is None:
-            raise ValueError("a stacked adapter (lora.stack) needs adapter_ids: one adapter index (or -1) per row")
-        if adapter_ids is not None:
-            if not stacked:
-                raise ValueError("adapter_ids needs a stacked adapter: build one with lora.stack([a, b, ...])")
-            _check_ids(adapter, adapter_ids, args[0] if args else kwargs.get("input_ids"))
-        lora = folded(adapter)
-        if adapter_ids is not None:
-            lora = _gather_rows(lora, adapter_ids)
-        variables["lora"] = lora
-    return model.apply(variables, *args, **kwargs)
-
-
-def _check_ids(adapter: Adapter, ids, input_ids) -> None:
-    n = adapter.modules()[0][1]["A"].shape[0]
-    shape = np.shape(ids)
-    if len(shape) != 1:
-        raise ValueError(f"adapter_ids must be 1-D [batch], got shape {shape}")
-    if input_ids is not None and hasattr(input_ids, "shape") and input_ids.shape[0] != shape[0]:
-        raise ValueError(f"adapter_ids has {shape[0]} entries but the batch has {input_ids.shape[0]} rows")
-    if not isinstance(ids, jax.core.Tracer):
-        a = np.asarray(ids)
-        if not np.issubdtype(a.dtype, np.integer):
-            raise TypeError(f"adapter_ids must be integers, got {a.dtype}")
-        bad = a[(a < -1) | (a >= n)]
-        if bad.size:
-            raise ValueError(f"adapter_ids {bad.tolist()} out of range: the stack holds {n} adapters (use -1 for none)")
-
-
-def _gather_rows(lora: dict, ids):
-    ids = jnp.asarray(ids)
-
-    def pick(x):  # x [N, ...]; id -1 selects an all-zero adapter
-        x0 = jnp.concatenate([x, jnp.zeros_like(x[:1])], axis=0)
-        return x0[jnp.where(ids < 0, x.shape[0], ids)]
-
-    return jax.tree.map(pick, lora)
-
-
 def _delta_apply(params: Params, adapter: Adapter, sign: float, weight: float) -> Params:
     if adapter.stacked:
         raise ValueError("cannot merge a stacked adapter (lora.stack) into one set of params; merge one of its "

@@ -20,6 +20,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import jax
 import optax
 
+from minimind_jax.keys import flax_to_torch
+
 from .core import Adapter
 
 Extra = Union[None, str, Sequence[str], Callable[[str, Any], bool]]
@@ -30,7 +32,6 @@ def _key_name(path) -> str:
     """A param leaf's MiniMind state-dict key (`model.layers.0.input_layernorm.weight`), else 'a/b/c'."""
     names = tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
     names = tuple(str(n) for n in names)
-    from convert.keys import flax_to_torch  # on call: `convert` imports `lora`
     try:
         return flax_to_torch(names)[0]
     except (KeyError, ValueError, TypeError):

@@ -11,16 +11,9 @@ Expert kernels (`mlp.experts.{j}.*_proj`, `mlp.shared_experts.{j}.*`) are projec
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence, Union
+from typing import Sequence, Union
 
-
-def module_name(path: Iterable[str]) -> str:
-    """('model', 'layers_0', 'self_attn', 'q_proj') -> `model.layers.0.self_attn.q_proj` (convert.keys' table).
-
-    Imported on call: `convert` imports `lora` (adapter files), so a module-level import would be circular.
-    """
-    from convert.keys import module_name as _module_name
-    return _module_name(path)
+from minimind_jax.keys import module_name
 
 
 TargetSpec = Union[str, Sequence[str], None]
@@ -87,6 +80,3 @@ def select(params, spec: TargetSpec = None) -> list[tuple[str, ...]]:
 def spec_string(spec: TargetSpec) -> str:
     return ",".join(_parse(spec))
 
-
-def as_names(paths: Iterable[tuple[str, ...]]) -> list[str]:
-    return [module_name(p) for p in paths]

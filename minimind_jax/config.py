@@ -137,11 +137,6 @@ class MiniMindConfig:
     def minimind3_moe(cls, **kw) -> "MiniMindConfig":
         return cls.minimind3(**{"use_moe": True, **kw})
 
-    # ---- derived sizes ---------------------------------------------------------------------------------------
-    @property
-    def n_rep(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
     def replace(self, **kw) -> "MiniMindConfig":
         return dataclasses.replace(self, **kw)
 

@@ -2,8 +2,9 @@
 
     ids = generate(params, config, input_ids, max_new_tokens=64)                      # sample, MiniMind's defaults
     ids = generate(params, config, input_ids, max_new_tokens=64, do_sample=False)     # greedy
+    ids = generate(lora.merge(params, a), config, input_ids, max_new_tokens=64)      # one adapter, merged
     ids = generate(params, config, ids2, attention_mask=m2, max_new_tokens=64,        # 2 adapters, one batch
-                   adapters=[a, b], adapter_ids=[0, 1])
+                   lora=lora.collection([a, b], adapter_ids=[0, 1]))
 
 What it computes is MiniMind's `MiniMindForCausalLM.generate` (model_minimind.py), step for step:
 
@@ -26,9 +27,9 @@ length and max_new_tokens are runtime values, and temperature / top_p / repetiti
 values too: changing them does not recompile. `do_sample`, `top_k`, whether top_p < 1, the batch size and the
 buckets are compile-time.
 
-Adapters: one `lora.Adapter` is merged into the params once per call (no per-token cost); a list of adapters
-with `adapter_ids` [B] (-1 = base model) keeps one shared base and gives each row its own low-rank branch,
-gathered once per call and applied inside the same compiled loop.
+Adapters: `lora=` takes the model's "lora" collection, built by the `lora` package (`lora.collection`): one
+adapter for every row, or stacked adapters gathered per row (row b's own low-rank branch over one shared base),
+applied inside the same compiled loop. A single adapter can also be merged into the params (no per-token cost).
 
 Sampling speed: a full sort of the 6400-entry vocabulary costs milliseconds per row on CPU, more than the
 model step, so top-k / top-p work on the `lax.top_k` candidates (the nucleus is exact whenever it fits in the
@@ -156,56 +157,21 @@ def select_tokens(logits, seen, key, knobs: Knobs, static: Static):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# adapters
-# ---------------------------------------------------------------------------------------------------------------
-def _is_adapter(x) -> bool:
-    return hasattr(x, "weights") and hasattr(x, "modules") and hasattr(x, "scale")
-
-
-def _gather_rows(stacked: dict, ids: jax.Array) -> dict:
-    def pick(x):  # [N, ...] -> [B, ...]; id -1 -> zeros (the base model)
-        x0 = jnp.concatenate([x, jnp.zeros_like(x[:1])], axis=0)
-        return x0[jnp.where(ids < 0, x.shape[0], ids)]
-    return jax.tree.map(pick, stacked)
-
-
-def resolve_adapters(params, adapters, adapter_ids, batch: int):
-    """-> (params, "lora" collection or None).
-
-    One adapter (no adapter_ids): merged into params. A list of adapters, or a `lora.stack` result, with
-    adapter_ids [B] (-1 = base): stacked with `lora.stack` (scales folded, ranks zero-padded) and gathered per row
-    once, so each decode step adds row b's own low-rank branch over the shared base.
-    """
-    import lora
-
-    if adapters is None:
-        if adapter_ids is not None:
-            raise ValueError("adapter_ids given without adapters")
-        return params, None
-    single = _is_adapter(adapters)
-    if single and adapter_ids is None:
-        if adapters.stacked:
-            raise ValueError("a stacked adapter (A [N, I, R], from lora.stack) needs adapter_ids [B]")
-        return lora.merge(params, adapters), None
-    if not single and (not isinstance(adapters, (list, tuple)) or not adapters
-                       or not all(_is_adapter(a) for a in adapters)):
-        raise TypeError(f"adapters must be a lora.Adapter or a non-empty list of them, got {adapters!r:.80}")
-    if adapter_ids is None:
-        raise ValueError(f"{len(adapters)} adapters need adapter_ids [B] (each row's adapter index, -1 = none); "
-                         "to mix them into one model use lora.merge / lora.combine with weights instead")
-    stacked = adapters if single and adapters.stacked else lora.stack([adapters] if single else list(adapters))
-    mods = stacked.modules()
-    n = mods[0][1]["A"].shape[0] if mods else 0
-    ids = np.asarray(adapter_ids)
-    if ids.shape != (batch,) or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"adapter_ids must be {batch} integers (one per row), got shape {ids.shape} {ids.dtype}")
-    if ids.min() < -1 or ids.max() >= n:
-        raise ValueError(f"adapter_ids must be in [-1, {n - 1}] for {n} adapters, got {ids.tolist()}")
-    return params, _gather_rows(lora.folded(stacked), jnp.asarray(ids, jnp.int32))
-
-# ---------------------------------------------------------------------------------------------------------------
 # prefill / decode
 # ---------------------------------------------------------------------------------------------------------------
+def _check_lora(lora, batch: int) -> None:
+    """A per-row collection (A [N, I, R]) must have one entry per row of the batch."""
+    if lora is None:
+        return
+    if not isinstance(lora, dict):
+        raise TypeError(f"lora= takes the model's \"lora\" collection (build it with lora.collection(...)), "
+                        f"got {type(lora).__name__}")
+    for leaf in jax.tree.leaves(lora):
+        if leaf.ndim == 3 and leaf.shape[0] != batch:
+            raise ValueError(f"the lora collection holds {leaf.shape[0]} rows' adapters but the batch has {batch} "
+                             "rows (build it with lora.collection(adapters, adapter_ids, batch=B))")
+
+
 def bucket_length(n: int, minimum: int = 16) -> int:
     """Smallest of minimum, 2^k and 3*2^(k-1) >= n (at most 1.5x; a handful of shapes over all lengths)."""
     if n <= minimum:
@@ -298,7 +264,7 @@ class _Prepared(NamedTuple):
 
 
 def _prepare(params, config, input_ids, attention_mask, *, do_sample, temperature, top_p, top_k,
-             repetition_penalty, eos_token_id, adapters, adapter_ids, bucket) -> _Prepared:
+             repetition_penalty, eos_token_id, lora, bucket) -> _Prepared:
     if not isinstance(config, MiniMindConfig):
         raise TypeError(f"config must be a MiniMindConfig, got {type(config).__name__}")
     ids = np.asarray(input_ids)
@@ -327,7 +293,7 @@ def _prepare(params, config, input_ids, attention_mask, *, do_sample, temperatur
         raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
     if eos_token_id is not None and not 0 <= int(eos_token_id) < config.vocab_size:
         raise ValueError(f"eos_token_id {eos_token_id} is outside the vocabulary [0, {config.vocab_size})")
-    params, lora_vars = resolve_adapters(params, adapters, adapter_ids, b)
+    _check_lora(lora, b)
     tb = bucket_length(t) if bucket else t
     prompt = np.zeros((b, tb), np.int32)
     prompt[:, :t] = ids
@@ -336,7 +302,7 @@ def _prepare(params, config, input_ids, attention_mask, *, do_sample, temperatur
     knobs = Knobs(jnp.float32(temperature), jnp.float32(top_p), jnp.float32(repetition_penalty),
                   jnp.int32(eos_token_id if eos_token_id is not None else -1))
     static = Static(bool(do_sample), int(top_k), bool(do_sample and top_p < 1.0), eos_token_id is not None)
-    return _Prepared(params, lora_vars, jnp.asarray(prompt), jnp.asarray(prompt_mask), t, knobs, static, ids.dtype)
+    return _Prepared(params, lora, jnp.asarray(prompt), jnp.asarray(prompt_mask), t, knobs, static, ids.dtype)
 
 
 def _start(prep: _Prepared, config, dtype, seed, new_slots: int):
@@ -351,11 +317,12 @@ def _start(prep: _Prepared, config, dtype, seed, new_slots: int):
 def generate(params, config: MiniMindConfig, input_ids, *, max_new_tokens: int, do_sample: bool = True,
              temperature: float = 0.85, top_p: float = 0.85, top_k: int = 50, repetition_penalty: float = 1.0,
              eos_token_id: Optional[int] = 2, attention_mask=None, seed: Union[int, jax.Array] = 0,
-             adapters=None, adapter_ids=None, dtype=jnp.float32, bucket: bool = True) -> np.ndarray:
+             lora: Optional[dict] = None, dtype=jnp.float32, bucket: bool = True) -> np.ndarray:
     """MiniMind's `generate`: `input_ids` [B, T] -> [B, T + steps] ids (numpy, input dtype); see the module doc.
 
     attention_mask [B, T] of 1/0 for left-padded batches; seed: int or a jax PRNG key (same seed, same output);
-    adapters: a lora.Adapter (merged) or a list of them with adapter_ids [B] (-1 = base); dtype: compute dtype;
+    lora: the model's "lora" collection (`lora.collection(adapter)`, or per row `lora.collection([a, b], ids)`)
+    or None; to run one adapter at no per-token cost pass `lora.merge(params, adapter)` instead; dtype: compute dtype;
     bucket: pad shapes to buckets so new lengths reuse compiled code (False: exact shapes, one compile each).
     """
     max_new_tokens = int(max_new_tokens)
@@ -363,7 +330,7 @@ def generate(params, config: MiniMindConfig, input_ids, *, max_new_tokens: int, 
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     prep = _prepare(params, config, input_ids, attention_mask, do_sample=do_sample, temperature=temperature,
                     top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
-                    adapters=adapters, adapter_ids=adapter_ids, bucket=bucket)
+                    lora=lora, bucket=bucket)
     if max_new_tokens == 0:
         return np.array(input_ids)
     state, kw = _start(prep, config, dtype, seed, bucket_length(max_new_tokens) if bucket else max_new_tokens)
@@ -375,7 +342,7 @@ def generate(params, config: MiniMindConfig, input_ids, *, max_new_tokens: int, 
 def generate_stream(params, config: MiniMindConfig, input_ids, *, max_new_tokens: int, chunk: int = 1,
                     do_sample: bool = True, temperature: float = 0.85, top_p: float = 0.85, top_k: int = 50,
                     repetition_penalty: float = 1.0, eos_token_id: Optional[int] = 2, attention_mask=None,
-                    seed: Union[int, jax.Array] = 0, adapters=None, adapter_ids=None, dtype=jnp.float32,
+                    seed: Union[int, jax.Array] = 0, lora: Optional[dict] = None, dtype=jnp.float32,
                     initial_new: int = 256) -> Iterator[np.ndarray]:
     """Yield the new tokens [B, n] as they come (n <= chunk), then stop like `generate`.
 
@@ -388,7 +355,7 @@ def generate_stream(params, config: MiniMindConfig, input_ids, *, max_new_tokens
         raise ValueError(f"need max_new_tokens >= 0 and chunk >= 1, got {max_new_tokens}, {chunk}")
     prep = _prepare(params, config, input_ids, attention_mask, do_sample=do_sample, temperature=temperature,
                     top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
-                    adapters=adapters, adapter_ids=adapter_ids, bucket=True)
+                    lora=lora, bucket=True)
     if max_new_tokens == 0:
         return
     tb = prep.prompt.shape[1]

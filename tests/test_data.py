@@ -9,7 +9,7 @@ import pytest
 
 from train.data import (EMPTY_THINK, IGNORE, SYSTEM_PROMPTS, DataError, SFTLoader, assistant_labels,
                         load_sft_dataset, parse_record)
-from train.tokenizer import DEFAULT_TOKENIZER_DIR, load_tokenizer
+from minimind_jax.tokenizer import DEFAULT_TOKENIZER_DIR, load_tokenizer
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 SFT_V3 = FIXTURES / "sft_v3"
@@ -23,7 +23,7 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
 
 @pytest.fixture(scope="module")
 def tok():
-    return load_tokenizer()  # the bundled data/tokenizer
+    return load_tokenizer()  # the bundled tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -239,12 +239,12 @@ def test_multi_adapter_rows_equal_single_adapter_runs(tiny):
     ids = _prompts(7, 2, 6)
     kw = dict(max_new_tokens=8, **GREEDY)
     base = generate(params, config, ids, **kw)
-    r1 = generate(params, config, ids, adapters=a1, **kw)  # merged into params
-    r2 = generate(params, config, ids, adapters=a2, **kw)
+    r1 = generate(lora.merge(params, a1), config, ids, **kw)  # merged into params
+    r2 = generate(params, config, ids, lora=lora.collection(a2), **kw)  # branch form, every row
     assert not np.array_equal(r1, base) and not np.array_equal(r2, base)  # the adapters matter
-    mixed = generate(params, config, ids, adapters=[a1, a2], adapter_ids=[0, 1], **kw)  # shared base, per row
+    mixed = generate(params, config, ids, lora=lora.collection([a1, a2], [0, 1], batch=2), **kw)  # shared base, per row
     np.testing.assert_array_equal(mixed, np.stack([r1[0], r2[1]]))
-    mixed = generate(params, config, ids, adapters=[a1, a2], adapter_ids=[1, -1], **kw)
+    mixed = generate(params, config, ids, lora=lora.collection([a1, a2], [1, -1], batch=2), **kw)
     np.testing.assert_array_equal(mixed, np.stack([r2[0], base[1]]))
 
 
@@ -261,14 +261,18 @@ def test_bad_inputs_have_clear_errors(tiny):
         generate(params, config, ids, max_new_tokens=2, temperature=0.0)
     a = _random_adapter(params, 1, 2)
     with pytest.raises(ValueError, match="adapter_ids"):
-        generate(params, config, ids, adapters=[a, a], max_new_tokens=2)
-    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
-        generate(params, config, ids, adapters=[a, a], adapter_ids=[0, 2], max_new_tokens=2)
+        lora.collection([a, a])
+    with pytest.raises(ValueError, match=r"\[2\] out of range"):
+        lora.collection([a, a], [0, 2], batch=2)
+    with pytest.raises(ValueError, match="2 rows"):
+        lora.collection([a, a], [0, 1, 1], batch=2)
+    with pytest.raises(ValueError, match="holds 3 rows"):
+        generate(params, config, ids, lora=lora.collection([a, a], [0, 1, 1]), max_new_tokens=2)
     assert generate(params, config, ids, max_new_tokens=0).shape == ids.shape
 
 
 def test_chat_cli_runs_without_stdin(capsys, monkeypatch):
-    from minimind_jax import chat
+    from serve import chat
 
     monkeypatch.setattr("sys.stdin", None)
     chat.main(["--hidden_size", "48", "--num_hidden_layers", "1", "--prompt", "你好", "--max_new_tokens", "5",

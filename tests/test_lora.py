@@ -16,7 +16,7 @@ import optax
 import pytest
 
 import lora
-from convert.keys import LORA_KEY_RE, module_path, torch_to_flax
+from minimind_jax.keys import LORA_KEY_RE, module_path, torch_to_flax
 from conftest import fixture_dir
 from minimind_jax.config import MiniMindConfig
 from minimind_jax.model import MiniMindForCausalLM
@@ -328,7 +328,7 @@ def test_stack_rows_equal_each_adapter_alone():
     model, _ = setup(name)
     with pytest.raises(ValueError, match="out of range"):
         lora.apply(model, params, st, ids, adapter_ids=[0, 2, -1])
-    with pytest.raises(ValueError, match="needs a stacked adapter"):
+    with pytest.raises(ValueError, match="adapter_ids needs several adapters"):
         lora.apply(model, params, a, ids, adapter_ids=[0, 0, 0])
     with pytest.raises(ValueError, match="needs adapter_ids"):
         lora.apply(model, params, st, ids)

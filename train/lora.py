@@ -1,6 +1,6 @@
 """LoRA SFT for MiniMind: `python -m train.lora --rank 8`.
 
-With no arguments it trains a rank-8 adapter on the bundled data/lora_identity.jsonl with the bundled tokenizer
+With no arguments it trains a rank-8 adapter on the bundled train/assets/lora_identity.jsonl with the bundled tokenizer
 over a freshly initialised MiniMind2-small-shaped base (512x8), in a few minutes on a CPU, and prints the greedy
 answers to two prompts before and after training. Real use mirrors MiniMind's trainer/train_lora.py:
 
@@ -36,7 +36,7 @@ from typing import Optional
 
 import numpy as np
 
-BUNDLED_DATA = Path(__file__).resolve().parents[1] / "data" / "lora_identity.jsonl"
+BUNDLED_DATA = Path(__file__).resolve().parent / "assets" / "lora_identity.jsonl"  # package data
 PROMPTS = ("你是谁？", "Who are you?")
 # The bundled demo (random-init base, bundled data): settings that make the adapter visibly take effect quickly.
 # A random base has no language to build on, so the demo adapts every projection (MiniMind's square-kernel rule
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--targets", default=None, help="square (MiniMind's rule, the default), all-linear, attn, mlp, or comma-separated "
                                       "names/regexes; all-linear for the bundled random-init demo")
     a("--seed", type=int, default=42)
-    a("--tokenizer", default=None, help="tokenizer directory (default: the bundled data/tokenizer)")
+    a("--tokenizer", default=None, help="tokenizer directory (default: the bundled one)")
     a("--from_lora", default=None, help="start from an existing adapter (.ckpt, MiniMind .pth, PEFT dir, ...)")
     a("--add_system_ratio", type=float, default=None, help="MiniMind's: prepend a random system prompt (default 0.2; demo 0)")
     a("--empty_think_ratio", type=float, default=None, help="MiniMind's: keep the empty think block (default 0.2; demo 1)")
@@ -254,14 +254,16 @@ def answer(params, config, adapter, tokenizer, prompts, max_new_tokens: int, dty
     replicated training copies would make every device of the mesh decode the same tokens."""
     import jax
 
+    import lora
     from minimind_jax.generate import generate
 
     params, adapter = jax.tree.map(lambda a: a.addressable_data(0) if isinstance(a, jax.Array) else a, (params, adapter))
+    params = lora.merge(params, adapter)
     outs = []
     for q in prompts:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
         out = generate(params, config, np.asarray([ids], np.int32), max_new_tokens=max_new_tokens, do_sample=False,
-                       eos_token_id=tokenizer.eos_token_id, adapters=adapter, dtype=dtype)
+                       eos_token_id=tokenizer.eos_token_id, dtype=dtype)
         outs.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip())
     return outs
 
@@ -279,7 +281,7 @@ def train(args) -> dict:
     from train import sharding, step as step_lib
     from train.data import SFTLoader, load_sft_dataset
     from train.metrics import MetricsWriter, plot_loss
-    from train.tokenizer import load_tokenizer
+    from minimind_jax.tokenizer import load_tokenizer
 
     t_start = time.time()
     # before JAX starts: the device count is fixed when its backends come up

@@ -1,14 +1,14 @@
-"""Train the project's bundled byte-level BPE tokenizer -> data/tokenizer/{tokenizer.json,tokenizer_config.json}.
+"""Train the project's bundled byte-level BPE tokenizer -> minimind_jax/assets/tokenizer/{tokenizer.json,tokenizer_config.json}.
 
 Same recipe as MiniMind's trainer/train_tokenizer.py (byte-level BPE, 6400 tokens, the 36 reserved tokens of
 MiniMind-3 at ids 0..35 with the same `special` flags, pad/unk `<|endoftext|>`=0, bos `<|im_start|>`=1,
 eos `<|im_end|>`=2, MiniMind's chat template), but trained only on text available offline:
-  - data/lora_identity.jsonl rendered with the chat template (so the template's pieces become tokens),
+  - train/assets/lora_identity.jsonl rendered with the chat template (so the template's pieces become tokens),
   - MiniMind's system prompts,
   - English prose from the Python stdlib's pydoc topics (`pydoc_data.topics`),
   - the 3755 GB2312 level-1 hanzi and CJK punctuation, one per line (so common Chinese characters get tokens).
 Ids are NOT compatible with MiniMind's own tokenizer: use that one (tokenizer.json from a MiniMind checkpoint)
-for MiniMind weights. Run: `python -m train.make_tokenizer [--out data/tokenizer]`.
+for MiniMind weights. Run: `python -m train.make_tokenizer [--out minimind_jax/assets/tokenizer]`.
 """
 from __future__ import annotations
 
@@ -18,7 +18,10 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-DATA = Path(__file__).resolve().parents[1] / "data"
+from minimind_jax.tokenizer import ASSETS, CHAT_TEMPLATE_FILE, compile_chat_template, load_tokenizer
+from train.data import SYSTEM_PROMPTS
+
+IDENTITY = Path(__file__).resolve().parent / "assets" / "lora_identity.jsonl"
 VOCAB_SIZE = 6400
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
            "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -43,12 +46,10 @@ def _gb2312(first: int, last: int, rows=range(0xB0, 0xD8)) -> str:
 def corpus(template: str) -> list[str]:
     import pydoc_data.topics
 
-    from train.data import SYSTEM_PROMPTS
-    from train.tokenizer import compile_chat_template
 
     render = compile_chat_template(template)
     texts = []
-    with open(DATA / "lora_identity.jsonl", encoding="utf-8") as f:
+    with open(IDENTITY, encoding="utf-8") as f:
         for line in f:
             msgs = json.loads(line)["conversations"]
             texts.append(render.render(messages=msgs, add_generation_prompt=False))
@@ -77,7 +78,7 @@ def tokenizer_config(template: str, tok: Tokenizer) -> dict:
 
 
 def train(out_dir: Path) -> Tokenizer:
-    template = (DATA / "chat_template.jinja").read_text(encoding="utf-8").rstrip("\n")
+    template = CHAT_TEMPLATE_FILE.read_text(encoding="utf-8").rstrip("\n")
     tok = Tokenizer(models.BPE())
     # Every "\n" is its own pre-token, so no merge spans a newline run. Otherwise "\n\n" becomes one token at the
     # end of a generation prompt ("</think>\n\n") but two tokens before text in training data ("\n", "\n我"),
@@ -105,8 +106,6 @@ def train(out_dir: Path) -> Tokenizer:
 
 def check(out_dir: Path) -> None:
     """The ids the pipeline relies on, single-token template pieces, and a lossless round trip."""
-    from train.tokenizer import load_tokenizer
-
     t = load_tokenizer(out_dir)
     assert t.vocab_size == VOCAB_SIZE, t.vocab_size
     assert (t.pad_token_id, t.bos_token_id, t.eos_token_id) == (0, 1, 2)
@@ -116,7 +115,7 @@ def check(out_dir: Path) -> None:
     full = t.encode(t.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "我"}]))
     assert full[:len(prompt)] == prompt, "generation prompt must tokenize as a prefix of the training text"
     n_chars = n_tokens = 0
-    with open(DATA / "lora_identity.jsonl", encoding="utf-8") as f:
+    with open(IDENTITY, encoding="utf-8") as f:
         for line in f:
             text = t.apply_chat_template(json.loads(line)["conversations"])
             ids = t.encode(text)
@@ -127,7 +126,7 @@ def check(out_dir: Path) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=DATA / "tokenizer")
+    ap.add_argument("--out", type=Path, default=ASSETS / "tokenizer")
     out = ap.parse_args().out
     train(out)
     check(out)

@@ -1,9 +1,9 @@
 """Chat with a MiniMind model and any merged mix of LoRA adapters (MiniMind's eval_llm.py, in JAX).
 
-    python -m minimind_jax.chat --weight out/full_sft_512.pth                       # auto-test prompts (mode 0)
-    python -m minimind_jax.chat --weight full_sft_512.pth --lora lora_identity_512.pth --mode 1   # interactive
-    python -m minimind_jax.chat --weight base.safetensors --lora a.ckpt --lora b_peft/ --lora_weights 0.7,0.3
-    python -m minimind_jax.chat --prompt "hello" --greedy --max_new_tokens 32      # no --weight: random init
+    python -m serve.chat --weight out/full_sft_512.pth                       # auto-test prompts (mode 0)
+    python -m serve.chat --weight full_sft_512.pth --lora lora_identity_512.pth --mode 1   # interactive
+    python -m serve.chat --weight base.safetensors --lora a.ckpt --lora b_peft/ --lora_weights 0.7,0.3
+    python -m serve.chat --prompt "hello" --greedy --max_new_tokens 32      # no --weight: random init
 
 --weight: MiniMind .pth, .safetensors or an orbax params checkpoint dir (config.json beside it, or --config,
 or inferred from the shapes). Without --weight a randomly initialised model (--family/--hidden_size/
@@ -27,9 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import MiniMindConfig
-from .generate import generate_stream
-from .model import MiniMindForCausalLM
+import convert
+import lora
+from minimind_jax.config import MiniMindConfig
+from minimind_jax.generate import generate_stream
+from minimind_jax.model import MiniMindForCausalLM
+from minimind_jax.tokenizer import load_tokenizer
 
 PROMPTS = [  # eval_llm.py's auto-test prompts
     "你有什么特长？",
@@ -50,7 +53,7 @@ def parse_args(argv=None):
     ap.add_argument("--config", default=None, help="config.json for --weight (default: beside it, or inferred)")
     ap.add_argument("--lora", action="append", default=[], help="adapter .ckpt / .pth / PEFT dir (repeatable)")
     ap.add_argument("--lora_weights", default=None, help="comma-separated weight per --lora (default 1 each)")
-    ap.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the bundled data/tokenizer)")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the bundled one)")
     ap.add_argument("--mode", type=int, default=0, choices=[0, 1], help="0: auto-test prompts, 1: read stdin")
     ap.add_argument("--prompt", action="append", default=None, help="prompt(s) for mode 0 instead of the built-in")
     ap.add_argument("--max_new_tokens", type=int, default=8192)
@@ -85,16 +88,11 @@ def load(args):
         params = jax.jit(lambda k: MiniMindForCausalLM(config).init(k, jnp.zeros((1, 4), jnp.int32))["params"])(
             jax.random.key(0))
     else:
-        import convert
-
         config, params = convert.load_model(args.weight, args.config)
         if args.inference_rope_scaling:
             config = config.replace(inference_rope_scaling=True, rope_scaling=None)
         print(f"[chat] {args.weight}: {config.family} {config.hidden_size}x{config.num_hidden_layers}", file=sys.stderr)
     if args.lora:
-        import convert
-        import lora
-
         weights = [1.0] * len(args.lora)
         if args.lora_weights:
             try:
@@ -134,8 +132,6 @@ class StreamPrinter:
 
 def main(argv=None):
     args = parse_args(argv)
-    from train.tokenizer import load_tokenizer
-
     tokenizer = load_tokenizer(args.tokenizer)
     config, params = load(args)
     if tokenizer.vocab_size > config.vocab_size:

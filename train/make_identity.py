@@ -1,7 +1,7 @@
-"""Write data/lora_identity.jsonl: a small zh + en identity SFT set in MiniMind's jsonl format.
+"""Write train/assets/lora_identity.jsonl: a small zh + en identity SFT set in MiniMind's jsonl format.
 
 Deterministic (random.Random(0)): question phrasings x answer phrasings (all pairs by default), plus a few
-multi-turn and system-prompted conversations. Run: `python data/make_identity.py [--out PATH] [--n N]`.
+multi-turn and system-prompted conversations. Run: `python -m train.make_identity [--out PATH] [--n N]`.
 """
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def make(n: int, seed: int = 0) -> list[dict]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "lora_identity.jsonl"))
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "assets" / "lora_identity.jsonl"))
     ap.add_argument("--n", type=int, default=None, help="single-turn conversations (default: all question x answer "
                     "pairs), plus n/8 multi-turn and n/8 system-prompted ones")
     args = ap.parse_args()

@@ -23,7 +23,9 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-DEFAULT_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "data" / "tokenizer"
+ASSETS = Path(__file__).resolve().parent / "assets"  # package data: a wheel carries it
+DEFAULT_TOKENIZER_DIR = ASSETS / "tokenizer"
+CHAT_TEMPLATE_FILE = ASSETS / "chat_template.jinja"
 _SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
@@ -128,7 +130,7 @@ class ChatTokenizer:
 
 
 def load_tokenizer(path_dir: Optional[str | Path] = None) -> ChatTokenizer:
-    """Load `tokenizer.json` + `tokenizer_config.json` from a directory (default: the bundled data/tokenizer)."""
+    """Load `tokenizer.json` + `tokenizer_config.json` from a directory (default: the bundled minimind_jax/assets/tokenizer)."""
     path = Path(path_dir) if path_dir is not None else DEFAULT_TOKENIZER_DIR
     tok_file = path / "tokenizer.json"
     if not tok_file.is_file():
