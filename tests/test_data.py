@@ -9,16 +9,19 @@ import pytest
 
 from train.data import (EMPTY_THINK, IGNORE, SYSTEM_PROMPTS, DataError, SFTLoader, assistant_labels,
                         load_sft_dataset, parse_record)
-from minimind_jax.tokenizer import DEFAULT_TOKENIZER_DIR, load_tokenizer
+from minimind_jax.tokenizer import load_tokenizer
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 SFT_V3 = FIXTURES / "sft_v3"
+IDENTITY = Path(__file__).resolve().parents[1] / "train" / "assets" / "lora_identity.jsonl"  # bundled SFT data
 MM_TOKENIZER = FIXTURES / "tokenizer_minimind"
-needs_fixtures = pytest.mark.skipif(not (SFT_V3 / "expected.npz").is_file() or not (MM_TOKENIZER / "tokenizer.json").is_file(),
+needs_fixtures = pytest.mark.skipif(not (SFT_V3 / "expected.npz").is_file()
+                                    or not (MM_TOKENIZER / "tokenizer.json").is_file(),
                                     reason=f"MiniMind fixtures not found under {FIXTURES}")
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "查询天气",
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+                                           "parameters": {"type": "object",
+                                                          "properties": {"city": {"type": "string"}}}}}]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +44,8 @@ def make_convs(n: int = 40) -> list[dict]:
     for i in range(n):
         say = lambda k: " ".join(rng.choice(words, k))  # noqa: E731
         kind = i % 6
-        c = [{"role": "user", "content": f"q{i} " + say(3)}, {"role": "assistant", "content": f"a{i} " + say(int(rng.integers(2, 30)))}]
+        c = [{"role": "user", "content": f"q{i} " + say(3)},
+             {"role": "assistant", "content": f"a{i} " + say(int(rng.integers(2, 30)))}]
         if kind == 1:
             c.insert(0, {"role": "system", "content": "You are terse."})
         elif kind == 2:
@@ -51,7 +55,8 @@ def make_convs(n: int = 40) -> list[dict]:
         elif kind == 4:
             c = [{"role": "system", "content": f"tools {i}", "tools": json.dumps(TOOLS, ensure_ascii=False)},
                  {"role": "user", "content": f"北京天气? {i}"},
-                 {"role": "assistant", "content": "", "tool_calls": json.dumps([{"name": "get_weather", "arguments": {"city": "北京"}}])},
+                 {"role": "assistant", "content": "",
+                  "tool_calls": json.dumps([{"name": "get_weather", "arguments": {"city": "北京"}}])},
                  {"role": "tool", "content": "晴"}, {"role": "assistant", "content": "晴天。"}]
         elif kind == 5:
             c[1]["content"] = say(120)  # longer than max_seq_len below
@@ -60,7 +65,8 @@ def make_convs(n: int = 40) -> list[dict]:
 
 
 def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows), encoding="utf-8")
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows),
+                    encoding="utf-8")
     return path
 
 
@@ -84,14 +90,17 @@ def test_fixture_parity(mm_tok, tmp_path):
     expected = np.load(SFT_V3 / "expected.npz")
     ids_info = json.loads((SFT_V3 / "tokenizer_ids.json").read_text())
     ds = load_sft_dataset(SFT_V3 / "conversations.jsonl", mm_tok, max_seq_len=64, cache_dir=tmp_path)
-    assert ds.bos_ids.tolist() == ids_info["sft_bos_id_sequence"] and ds.eos_ids.tolist() == ids_info["sft_eos_id_sequence"]
+    assert (ds.bos_ids.tolist() == ids_info["sft_bos_id_sequence"]
+            and ds.eos_ids.tolist() == ids_info["sft_eos_id_sequence"])
     assert (mm_tok.pad_token_id, mm_tok.bos_token_id, mm_tok.eos_token_id, mm_tok.vocab_size) == (0, 1, 2, 6400)
     batch = next(iter(loader(ds, batch=8, shuffle=False, add_system_ratio=0.0, empty_think_ratio=1.0)))
     np.testing.assert_array_equal(batch["input_ids"], expected["input_ids"])
     np.testing.assert_array_equal(batch["labels"], expected["labels"])
     np.testing.assert_array_equal(ds.full_len, expected["lengths"])
-    rendered = [json.loads(l) for l in (SFT_V3 / "rendered.txt").read_text(encoding="utf-8").splitlines() if l.startswith('"')]
-    convs = [json.loads(l)["conversations"] for l in (SFT_V3 / "conversations.jsonl").read_text(encoding="utf-8").splitlines()]
+    rendered = [json.loads(line) for line in (SFT_V3 / "rendered.txt").read_text(encoding="utf-8").splitlines()
+                if line.startswith('"')]
+    convs = [json.loads(line)["conversations"]
+             for line in (SFT_V3 / "conversations.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [mm_tok.apply_chat_template(c) for c in convs] == rendered
 
 
@@ -115,7 +124,8 @@ def test_labels_match_minimind_loop():
 
     rng = np.random.default_rng(0)
     for _ in range(300):
-        ids = rng.choice([0, 1, 2, 3, 5, 7, 9], size=int(rng.integers(1, 40)), p=[.1, .2, .2, .15, .15, .15, .05]).tolist()
+        ids = rng.choice([0, 1, 2, 3, 5, 7, 9], size=int(rng.integers(1, 40)),
+                         p=[.1, .2, .2, .15, .15, .15, .05]).tolist()
         got = assistant_labels(np.array(ids), np.array(bos), np.array(eos)).tolist()
         assert got == reference(ids, len(ids)), ids
 
@@ -129,7 +139,7 @@ def test_bundled_tokenizer(tok):
         assert tok.encode(s) == [i]
     assert [tok.encode(s) for s in ("<think>", "</think>", "<tool_call>", "</tool_call>")] == [[25], [26], [21], [22]]
     assert tok.encode("<|im_start|>assistant\n")[0] == 1 and tok.encode("<|im_end|>\n")[0] == 2
-    for line in (DEFAULT_TOKENIZER_DIR.parent / "lora_identity.jsonl").read_text(encoding="utf-8").splitlines():
+    for line in IDENTITY.read_text(encoding="utf-8").splitlines():
         text = tok.apply_chat_template(json.loads(line)["conversations"])
         assert tok.decode(tok.encode(text)) == text
     assert tok.decode(tok.encode("<think>x</think>"), skip_special_tokens=True) == "<think>x</think>"  # not special
@@ -137,12 +147,16 @@ def test_bundled_tokenizer(tok):
 
 def test_chat_template_features(tok):
     msgs = [{"role": "user", "content": "你是谁？"}]
-    assert tok.apply_chat_template(msgs, add_generation_prompt=True).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
-    assert tok.apply_chat_template(msgs, add_generation_prompt=True, open_thinking=True).endswith("assistant\n<think>\n")
-    assert tok.apply_chat_template(msgs, add_generation_prompt=True, enable_thinking=True).endswith("assistant\n<think>\n")
+    assert tok.apply_chat_template(msgs, add_generation_prompt=True).endswith(
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert tok.apply_chat_template(msgs, add_generation_prompt=True, open_thinking=True).endswith(
+        "assistant\n<think>\n")
+    assert tok.apply_chat_template(msgs, add_generation_prompt=True, enable_thinking=True).endswith(
+        "assistant\n<think>\n")
     assert tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)[-1] == tok.encode("\n\n")[-1]
     with_tools = tok.apply_chat_template(msgs, tools=TOOLS)
-    assert with_tools.startswith("<|im_start|>system\n# Tools") and json.dumps(TOOLS[0], ensure_ascii=False) in with_tools
+    assert (with_tools.startswith("<|im_start|>system\n# Tools")
+            and json.dumps(TOOLS[0], ensure_ascii=False) in with_tools)
     # "查询天气" stays unescaped (transformers' tojson), and reasoning_content lands inside <think>
     r = tok.apply_chat_template(msgs + [{"role": "assistant", "content": "A", "reasoning_content": "R"}])
     assert r.endswith("<|im_start|>assistant\n<think>\nR\n</think>\n\nA<|im_end|>\n")
@@ -181,14 +195,16 @@ def test_augmentation_ratios(tok, ds):
     i = 0
     assert len(set(_decoded_rows(tok, always))) == n  # (each sample is distinct)
     sys_choice, drop = ds.draw_augmentations(42, 0, 1.0, 0.0)
-    direct = tok.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPTS[sys_choice[i]]}] + convs[i]["conversations"])
+    direct = tok.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPTS[sys_choice[i]]}]
+                                     + convs[i]["conversations"])
     assert ds.example(i, sys_choice[i], drop[i]).tolist() == tok.encode(direct.replace(EMPTY_THINK, ""))[:96]
 
 
 @needs_fixtures
 def test_augmented_tokens_equal_direct_tokenization_minimind(mm_tok, tmp_path):
     ds = load_sft_dataset(SFT_V3 / "conversations.jsonl", mm_tok, max_seq_len=200, use_cache=False)
-    convs = [json.loads(l)["conversations"] for l in (SFT_V3 / "conversations.jsonl").read_text(encoding="utf-8").splitlines()]
+    convs = [json.loads(line)["conversations"]
+             for line in (SFT_V3 / "conversations.jsonl").read_text(encoding="utf-8").splitlines()]
     for i, c in enumerate(convs):
         for k in range(len(SYSTEM_PROMPTS)):
             for drop in (False, True):
@@ -216,40 +232,91 @@ def test_augmentation_seeded(ds):
 
 
 GOOD = {"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}
-BAD_LINES = {
-    "malformed JSON": '{"conversations": [',
-    "missing 'conversations'": json.dumps({"messages": GOOD["conversations"]}),
+FIX = "; fix the line or pass --skip_bad_lines"
+BAD_LINES = {  # regex of the message -> the bad line
+    "not valid JSON": '{"conversations": [',
+    'no "conversations" key': json.dumps({"messages": GOOD["conversations"]}),
     "non-empty list": json.dumps({"conversations": "hi"}),
     "no assistant turn": json.dumps({"conversations": [{"role": "user", "content": "hi"}]}),
-    "unknown role": json.dumps({"conversations": [{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "ok"}]}),
-    "'tools' is not valid JSON": json.dumps({"conversations": [{"role": "system", "content": "s", "tools": "[{"}, *GOOD["conversations"]]}),
-    "'content' must be a string": json.dumps({"conversations": [{"role": "user", "content": 3}, {"role": "assistant", "content": "ok"}]}),
+    "unknown role": json.dumps({"conversations": [{"role": "bot", "content": "hi"},
+                                                  {"role": "assistant", "content": "ok"}]}),
+    "'tools' is not valid JSON": json.dumps({"conversations": [{"role": "system", "content": "s", "tools": "[{"},
+                                                               *GOOD["conversations"]]}),
+    "'content' must be a string": json.dumps({"conversations": [{"role": "user", "content": 3},
+                                                                {"role": "assistant", "content": "ok"}]}),
 }
 
 
 @pytest.mark.parametrize("what", list(BAD_LINES))
 def test_bad_line_errors(tok, tmp_path, what):
     path = write_jsonl(tmp_path / "bad.jsonl", [GOOD, "", GOOD, BAD_LINES[what], GOOD])
-    with pytest.raises(DataError, match="bad.jsonl:4: .*" + what):
+    with pytest.raises(DataError, match="bad.jsonl:4: .*" + what + ".*; fix the line or pass --skip_bad_lines$"):
         load_sft_dataset(path, tok, 32, cache_dir=tmp_path / "cache")
     assert not list((tmp_path / "cache").iterdir())  # no partial cache left behind
 
 
-def test_empty_file(tok, tmp_path):
-    path = tmp_path / "empty.jsonl"
-    path.write_text("\n\n")
-    with pytest.raises(DataError, match="empty.jsonl:0: empty file"):
-        load_sft_dataset(path, tok, 32, use_cache=False)
+def _data_error(path, tok, **kw) -> str:
+    """The one-line message load_sft_dataset raises for `path` (what `python -m train.lora` prints after 'error: ')."""
+    with pytest.raises(DataError) as e:
+        load_sft_dataset(path, tok, 32, use_cache=False, **kw)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_error_malformed_line(tok, tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl", [GOOD, GOOD, '{"conversations": [{"role": "user" "content": "hi"}]}'])
+    assert _data_error(path, tok) == f"{path}:3: not valid JSON (Expecting ',' delimiter: column 36){FIX}"
+
+
+def test_error_missing_conversations(tok, tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl", [GOOD, GOOD, GOOD, GOOD, {"messages": []}])
+    assert _data_error(path, tok).startswith(f'{path}:5: no "conversations" key (expected {{"conversations": [')
+
+
+def test_error_empty_file(tok, tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text("\n  \n")  # blank lines only: as empty as no bytes at all
+    assert _data_error(path, tok) == f"{path}: empty file, no samples"
+    assert _data_error(path, tok, skip_bad_lines=True) == f"{path}: empty file, no samples"
+
+
+def test_error_no_assistant_turn(tok, tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl", [GOOD, {"conversations": [{"role": "user", "content": "hi"}]}])
+    assert _data_error(path, tok) == f"{path}:2: no assistant turn to learn from{FIX}"
+
+
+def test_error_missing_file(tok, tmp_path):
+    path = tmp_path / "x.jsonl"
+    assert _data_error(path, tok) == f"no such data file: {path}"
+    assert _data_error([write_jsonl(tmp_path / "ok.jsonl", [GOOD]), path], tok) == f"no such data file: {path}"
+    assert _data_error(tmp_path, tok) == f"{tmp_path}: not a file (expected a .jsonl file)"
+    assert _data_error([], tok) == "no data files given (--data_path)"
+
+
+def test_error_not_utf8(tok, tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"conversations": "\xff"}\n')
+    assert _data_error(path, tok) == f"{path}:2: not UTF-8 (invalid start byte at byte 19){FIX}"
+    assert len(load_sft_dataset(path, tok, 32, use_cache=False, skip_bad_lines=True)) == 1  # skipped, not fatal
+
+
+def test_error_every_line_skipped(tok, tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl", ["{", {"conversations": []}])
+    assert _data_error(path, tok, skip_bad_lines=True) == (f"{path}: no valid samples (2 bad line(s) skipped with "
+                                                           "--skip_bad_lines)")
 
 
 def test_skip_bad_lines(tok, tmp_path, caplog):
     path = write_jsonl(tmp_path / "mixed.jsonl", [GOOD] + list(BAD_LINES.values()) + [GOOD])
-    with caplog.at_level("WARNING", logger="train.data"):
+    with caplog.at_level("WARNING", logger="train.dataset"):
         ds = load_sft_dataset(path, tok, 32, cache_dir=tmp_path, skip_bad_lines=True)
     assert len(ds) == 2 and ds.num_bad_lines == len(BAD_LINES)
-    assert f"skipped {len(BAD_LINES)} bad line(s)" in caplog.text and "mixed.jsonl:2: malformed JSON" in caplog.text
+    assert f"skipped {len(BAD_LINES)} bad line(s)" in caplog.text and "mixed.jsonl:2: not valid JSON" in caplog.text
+    assert "fix the line" not in caplog.text  # the hint is for the failing case only
     assert ds.source(1).endswith(f"mixed.jsonl:{len(BAD_LINES) + 2}")
-    assert load_sft_dataset(path, tok, 32, cache_dir=tmp_path, skip_bad_lines=True).num_bad_lines == len(BAD_LINES)  # cached
+    assert load_sft_dataset(path, tok, 32, cache_dir=tmp_path,
+                            skip_bad_lines=True).num_bad_lines == len(BAD_LINES)  # cached
 
 
 # ----------------------------------------------------------------------------------------------- cache
@@ -331,7 +398,8 @@ def test_group_by_length(ds):
     spread = lambda plan: np.mean([np.ptp(plan.lengths[plan.order[s:s + 4]]) for s in range(0, len(ds) - 3, 4)])  # noqa: E731
     assert spread(g0) < 0.5 * spread(p0)
     again = loader(ds, batch=4, num_epochs=1, seed=3, group_by_length=True).plan(0).order
-    assert (again == g0.order).all() and not (loader(ds, batch=4, seed=4, group_by_length=True).plan(0).order == g0.order).all()
+    assert ((again == g0.order).all()
+            and not (loader(ds, batch=4, seed=4, group_by_length=True).plan(0).order == g0.order).all())
 
 
 def test_batch_tokens_packs_the_epoch(ds):
