@@ -1,4 +1,5 @@
-"""LoRA SFT training (train/step.py, train/lora.py, train/checkpoint.py, train/sharding.py): tiny configs only."""
+"""LoRA SFT training (train/step.py, train/batch.py, train/run.py via the train.lora CLI, train/resume.py,
+train/sharding.py): tiny configs only."""
 import json
 import math
 import os
@@ -9,12 +10,14 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import lora
 from minimind_jax import MiniMindConfig, MiniMindForCausalLM
-from train import step as S
+from minimind_jax.buckets import bucket_length
+from train import batch as B, step as S
+from train.config import RunConfig
+from train.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
 V = 96
@@ -64,12 +67,13 @@ def step_fn(dense, tx):
 def test_lr_schedule_is_minimind():
     lr, total = 3e-4, 37
     for s in (1, 5, 18, 37):
-        assert S.get_lr(s, total, lr) == pytest.approx(lr * (0.1 + 0.45 * (1 + math.cos(math.pi * s / total))), rel=1e-15)
+        want = lr * (0.1 + 0.45 * (1 + math.cos(math.pi * s / total)))
+        assert S.get_lr(s, total, lr) == pytest.approx(want, rel=1e-15)
     assert S.get_lr(total, total, lr) == pytest.approx(0.1 * lr)
 
 
 def test_bucket_is_monotone_and_capped():
-    sizes = [S.bucket(n, 340) for n in range(1, 400)]
+    sizes = [bucket_length(n, maximum=340) for n in range(1, 400)]
     assert sizes == sorted(sizes) and max(sizes) == 340 and all(s >= n for n, s in zip(range(1, 341), sizes))
     assert len(set(sizes)) <= 10
 
@@ -79,11 +83,12 @@ def test_bucket_is_monotone_and_capped():
 
 def _step(step, state, params, batch, lr=1e-3, update=True, **prepare_kw):
     """prepare_batch (rows -> chunks) then one train step, as train.lora runs it."""
-    chunks, n_chunks, cap, _ = S.prepare_batch(batch, **prepare_kw)
+    chunks, n_chunks, cap, _ = B.prepare_batch(batch, **prepare_kw)
     return step(state, params, chunks, np.int32(n_chunks), lr, cap=cap, update=update)
 
 
-@pytest.mark.parametrize("cfg,rows_per_device", [(CFG, 1), (CFG, 2), (MOE, 3)], ids=["dense-3chunks", "dense-2chunks", "moe"])
+@pytest.mark.parametrize("cfg,rows_per_device", [(CFG, 1), (CFG, 2), (MOE, 3)],
+                         ids=["dense-3chunks", "dense-2chunks", "moe"])
 def test_step_loss_is_model_loss_plus_aux(cfg, rows_per_device, tx):
     """The step's loop over chunks of rows gives the whole batch's loss (MoE: one chunk, MiniMind's aux loss)."""
     model, params = _params(cfg)
@@ -101,13 +106,13 @@ def test_step_loss_is_model_loss_plus_aux(cfg, rows_per_device, tx):
 
 def test_prepare_batch_chunks():
     batch = _batch(1, b=5, t=13)
-    chunks, n, cap, stats = S.prepare_batch(batch, devices=2, rows_per_device=1, max_rows=7, labels_only=False)
+    chunks, n, cap, stats = B.prepare_batch(batch, devices=2, rows_per_device=1, max_rows=7, labels_only=False)
     assert chunks["input_ids"].shape[:2] == (4, 2) and n == 3 and cap is None and stats["rows"] == 5
     flat = {k: v.reshape(8, -1) for k, v in chunks.items()}
     t = flat["labels"].shape[1]
     np.testing.assert_array_equal(flat["labels"][:5], batch["labels"][:, :t])
-    assert (flat["labels"][5:] == S.IGNORE).all()  # padding rows hold no label
-    assert (batch["labels"][:, t:] == S.IGNORE).all()  # trimming cut only unlabelled columns
+    assert (flat["labels"][5:] == B.IGNORE).all()  # padding rows hold no label
+    assert (batch["labels"][:, t:] == B.IGNORE).all()  # trimming cut only unlabelled columns
 
 
 @pytest.mark.parametrize("groups", [1, 2, 4])
@@ -117,7 +122,7 @@ def test_labels_only_projection_equals_full_logits(dense, groups):
     model, params, adapter = dense
     batch = _batch(3, b=4, t=40, prompt=28)  # fewer than half the positions labelled: the gather pays
     f = jax.jit(lambda a, b, c: S.loss_fn(a, params, b, model=model, cap=c, groups=groups)[0], static_argnums=2)
-    chunks, _, (g_, cap), stats = S.prepare_batch(batch, devices=groups, rows_per_device=4 // groups)
+    chunks, _, (g_, cap), stats = B.prepare_batch(batch, devices=groups, rows_per_device=4 // groups)
     arrays = {k: v[0] for k, v in chunks.items()}  # the one chunk: [4, T]
     assert g_ == groups
     assert arrays["input_ids"].shape[1] <= 40
@@ -132,12 +137,32 @@ def test_labels_only_projection_equals_full_logits(dense, groups):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("prompt", [4, 28], ids=["full-logits", "labels-only"])
+def test_lm_head_adapter_gets_the_models_gradient(tx, prompt):
+    """An adapter on an untied lm_head (--targets ...,lm_head): the step's vocabulary projection runs through the
+    adapter's branch, so the lm_head factors get the model's own gradient (they got none when the projection read
+    the base params alone), with full logits and with the labelled positions gathered."""
+    model, params = _params(CFG.replace(tie_word_embeddings=False))
+    adapter = lora.init(params, jax.random.PRNGKey(1), rank=2, targets="q_proj,lm_head")
+    adapter = adapter.replace(weights=jax.tree.map(lambda x: x + 0.05, adapter.weights))  # B != 0: A gets gradient
+    batch = _batch(4, b=4, t=40, prompt=prompt)
+    assert (B.prepare_batch(batch)[2] is None) == (prompt == 4)  # both vocabulary projections are exercised
+    model_loss = lambda a: lora.apply(model, params, a, batch["input_ids"], labels=batch["labels"]).loss
+    want = jax.grad(model_loss)(adapter).weights
+    state, _ = _step(S.make_train_step(model, tx), S.init_state(adapter, tx), params, batch, update=False)
+    got = state.grad_acc  # update=False: the micro-batch's gradient, as accumulated
+    assert set(got) == {"lm_head", "model"}
+    assert all(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(got["lm_head"]))
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+
+
 def _identity_loader(tmp_path, n, batch, **kw):
     from train.data import SFTLoader, load_sft_dataset
-    from train.tokenizer import load_tokenizer
+    from minimind_jax.tokenizer import load_tokenizer
 
     tok = load_tokenizer()
-    lines = (ROOT / "data" / "lora_identity.jsonl").read_text(encoding="utf-8").splitlines()[:n]
+    lines = (ROOT / "train" / "assets" / "lora_identity.jsonl").read_text(encoding="utf-8").splitlines()[:n]
     path = tmp_path / f"first{n}.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     ds = load_sft_dataset(path, tok, max_seq_len=96, cache_dir=tmp_path)
@@ -192,7 +217,8 @@ def test_grad_accumulation_is_minimind(dense, tx):
     step2 = S.make_train_step(model, tx, accumulation_steps=2, grad_clip=1.0)
     state = S.init_state(adapter, tx)
     state, _ = _step(step2, state, params, b1, lr, update=False)
-    assert int(state.updates) == 0 and float(jnp.abs(state.adapter.weights["model"]["layers_0"]["self_attn"]["q_proj"]["A"] - adapter.weights["model"]["layers_0"]["self_attn"]["q_proj"]["A"]).max()) == 0
+    q_a = lambda w: w["model"]["layers_0"]["self_attn"]["q_proj"]["A"]
+    assert int(state.updates) == 0 and float(jnp.abs(q_a(state.adapter.weights) - q_a(adapter.weights)).max()) == 0
     state, m = _step(step2, state, params, b2, lr, update=True)
     assert int(state.updates) == 1
     g = lambda b: jax.grad(lambda a: S.loss_fn(a, params, b, model=model, cap=None)[0])(adapter).weights
@@ -223,7 +249,8 @@ def test_frozen_base_is_untouched_and_has_no_optimizer_state(dense, tx, step_fn)
     shapes = {x.shape for x in jax.tree.leaves(adapter.weights)}
     opt_leaves = [x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]
     assert len(opt_leaves) == 2 * n_adapter and {x.shape for x in opt_leaves} == shapes
-    assert any(float(jnp.abs(x - y).max()) > 0 for x, y in zip(jax.tree.leaves(state.adapter.weights), jax.tree.leaves(adapter.weights)))
+    assert any(float(jnp.abs(x - y).max()) > 0
+               for x, y in zip(jax.tree.leaves(state.adapter.weights), jax.tree.leaves(adapter.weights)))
 
 
 def test_nonfinite_loss_freezes_state(dense, tx, step_fn):
@@ -248,9 +275,10 @@ _DP_SCRIPT = r"""
 import os, json, numpy as np, jax, jax.numpy as jnp
 import lora
 from minimind_jax import MiniMindConfig, MiniMindForCausalLM
-from train import step as S, sharding
+from train import batch as B, step as S, sharding
 assert jax.device_count() == 4, jax.devices()
-cfg = MiniMindConfig(hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=96, intermediate_size=40)
+cfg = MiniMindConfig(hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
+                     intermediate_size=40)
 model = MiniMindForCausalLM(cfg)
 params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
 adapter = lora.init(params, jax.random.PRNGKey(1), rank=3)
@@ -266,7 +294,7 @@ for n in (1, 4):
     rs = np.random.RandomState(0)
     for i in range(4):  # 7 rows: not a multiple of 4 devices (the last chunk holds padding rows)
         ids = rs.randint(3, 96, (7, 16)).astype(np.int32); lab = ids.copy(); lab[:, :5] = -100
-        chunks, n_chunks, cap, _ = S.prepare_batch({"input_ids": ids, "labels": lab}, devices=n, max_rows=8)
+        chunks, n_chunks, cap, _ = B.prepare_batch({"input_ids": ids, "labels": lab}, devices=n, max_rows=8)
         batch = sharding.put_batch(chunks, mesh)
         assert len(batch["input_ids"].sharding.device_set) == n
         state, m = step(state, p, batch, np.int32(n_chunks), 1e-2, cap=cap, update=i % 2 == 1)
@@ -279,7 +307,8 @@ print("RESULT " + json.dumps(out))
 def test_four_devices_match_one():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=str(ROOT),
                JAX_PLATFORMS="cpu")
-    r = subprocess.run([sys.executable, "-c", _DP_SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", _DP_SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.split("RESULT ", 1)[1])
     np.testing.assert_allclose(out["4"], out["1"], rtol=1e-5, atol=1e-5)
@@ -300,9 +329,28 @@ def test_cpu_device_count():
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
+def compile_cache(tmp_path_factory):
+    """Every run compiles its own train step (and init, generate), and the CLI tests below run the same programs in
+    several runs: JAX's persistent compilation cache, in a directory of this module's alone, lets the later runs
+    load them instead of compiling again. Restored afterwards, so other test modules compile as usual."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    settings = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("xla_cache")),
+                "jax_persistent_cache_min_compile_time_secs": 0.0, "jax_persistent_cache_min_entry_size_bytes": 0}
+    before = {k: getattr(jax.config, k) for k in settings}
+    for k, v in settings.items():
+        jax.config.update(k, v)
+    compilation_cache.reset_cache()  # the cache is set up once, on first use: again with this directory
+    yield
+    for k, v in before.items():
+        jax.config.update(k, v)
+    compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory, compile_cache):
     d = tmp_path_factory.mktemp("data")
-    lines = (ROOT / "data" / "lora_identity.jsonl").read_text(encoding="utf-8").splitlines()[:14]
+    lines = (ROOT / "train" / "assets" / "lora_identity.jsonl").read_text(encoding="utf-8").splitlines()[:14]
     (d / "tiny.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return d
 
@@ -320,6 +368,23 @@ def _cli(tiny_data, save_dir, *extra):
     return main(_cli_args(tiny_data, save_dir, "--cpu_devices", "1", *extra))
 
 
+def _run(tiny_data, save_dir, *extra, on_step=None):
+    """train.run.run on the CLI's settings, with an on_step callback."""
+    return run(RunConfig.from_argv(_cli_args(tiny_data, save_dir, "--cpu_devices", "1", *extra)), on_step=on_step)
+
+
+class _Crash(Exception):
+    pass
+
+
+def _crash_after(n: int):
+    def on_step(global_step, state):
+        if global_step >= n:
+            raise _Crash(global_step)
+
+    return on_step
+
+
 def test_cli_end_to_end(tiny_data, tmp_path):
     import convert
     from train.metrics import read_metrics
@@ -328,7 +393,7 @@ def test_cli_end_to_end(tiny_data, tmp_path):
     ckpt = tmp_path / "lora_identity_32.ckpt"
     assert Path(out["adapter_path"]) == ckpt and ckpt.is_dir()
     adapter = convert.load_adapter(ckpt)
-    for x, y in zip(jax.tree.leaves(adapter.weights), jax.tree.leaves(out["state"].adapter.weights)):
+    for x, y in zip(jax.tree.leaves(adapter.weights), jax.tree.leaves(out["adapter"].weights)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     meta = json.loads((ckpt / "adapter.json").read_text())
     assert meta["rank"] == 8 and meta["base_config"]["hidden_size"] == 32 and meta["base_fingerprint"]
@@ -338,9 +403,10 @@ def test_cli_end_to_end(tiny_data, tmp_path):
     for r in rows:
         assert r["lr"] == pytest.approx(S.get_lr(r["step"], total, 5e-3))
     assert all(np.isfinite(r["loss"]) for r in rows)
-    assert any(np.abs(np.asarray(x)).max() > 0 for x in jax.tree.leaves(adapter.weights) if x.shape[0] == 8)  # B trained
+    b_trained = [np.abs(np.asarray(x)).max() > 0 for x in jax.tree.leaves(adapter.weights) if x.shape[0] == 8]
+    assert any(b_trained)
     assert len(out["answers_before"]) == 2 and len(out["answers_after"]) == 2
-    assert int(out["state"].updates) == 4  # 4 micro-steps per epoch, accumulation 2
+    assert out["updates"] == 4  # 4 micro-steps per epoch, accumulation 2
 
 
 S_FIELDS = ("step", "epoch", "loss", "aux_loss", "lr", "grad_norm", "tokens_per_s")
@@ -358,7 +424,7 @@ def test_padded_and_packed_runs_give_the_same_losses(tiny_data, tmp_path, moe):
     ce = {p: [h["loss"] - h["aux_loss"] for h in r["history"]] for p, r in runs.items()}
     if not moe:
         np.testing.assert_allclose(runs[1]["losses"], runs[0]["losses"], rtol=1e-5)
-        for x, y in zip(jax.tree.leaves(runs[0]["state"].adapter.weights), jax.tree.leaves(runs[1]["state"].adapter.weights)):
+        for x, y in zip(jax.tree.leaves(runs[0]["adapter"].weights), jax.tree.leaves(runs[1]["adapter"].weights)):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
     else:
         assert all(h["aux_loss"] > 0 for r in runs.values() for h in r["history"])
@@ -373,19 +439,22 @@ def test_resume_reproduces_uninterrupted_run(tiny_data, tmp_path):
     steps = full["steps"]
     assert steps >= 6
     b = tmp_path / "b"
-    assert _cli(tiny_data, b, "--accumulation_steps", "2", "--save_interval", "3", "--batch_size", "2",
-                "--stop_after", "4") == {"interrupted": True}
+    with pytest.raises(_Crash):  # after micro-step 4, whose state was never saved (the last save was at 3)
+        _run(tiny_data, b, "--accumulation_steps", "2", "--save_interval", "3", "--batch_size", "2",
+             on_step=_crash_after(4))
     rdir = b / "checkpoints" / "lora_identity_32_resume"
     assert sorted(os.listdir(rdir)) == ["3"]
     stale = rdir / "5.orbax-checkpoint-tmp-1234"  # an interrupted save: must be ignored
     stale.mkdir()
     (stale / "junk").write_text("x")
-    res = _cli(tiny_data, b, "--accumulation_steps", "2", "--save_interval", "3", "--batch_size", "2", "--from_resume", "1")
+    res = _cli(tiny_data, b, "--accumulation_steps", "2", "--save_interval", "3", "--batch_size", "2",
+               "--from_resume", "1")
     assert res["steps"] == steps - 3
-    a_rows, b_rows = read_metrics(tmp_path / "a" / "lora_identity_metrics.jsonl"), read_metrics(b / "lora_identity_metrics.jsonl")
+    a_rows = read_metrics(tmp_path / "a" / "lora_identity_metrics.jsonl")
+    b_rows = read_metrics(b / "lora_identity_metrics.jsonl")
     assert [r["step"] for r in b_rows] == [r["step"] for r in a_rows]
     np.testing.assert_allclose([r["loss"] for r in b_rows], [r["loss"] for r in a_rows], rtol=1e-6)
-    for x, y in zip(jax.tree.leaves(full["state"].adapter.weights), jax.tree.leaves(res["state"].adapter.weights)):
+    for x, y in zip(jax.tree.leaves(full["adapter"].weights), jax.tree.leaves(res["adapter"].weights)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-8)
     kept = sorted(int(p) for p in os.listdir(rdir) if p.isdigit())
     assert len(kept) == 2 and kept[-1] == steps

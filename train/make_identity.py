@@ -74,7 +74,8 @@ GROUPS = {
          f"I am {NAME}. I am good at short Q&A and casual chat, and I can help with simple translation or summaries."],
     ),
 }
-GREETINGS = [("你好", "你好！我是MiniMind，有什么可以帮你的吗？"), ("Hello", "Hello! I'm MiniMind. How can I help you today?"),
+GREETINGS = [("你好", "你好！我是MiniMind，有什么可以帮你的吗？"),
+             ("Hello", "Hello! I'm MiniMind. How can I help you today?"),
              ("嗨", "嗨！我是MiniMind，很高兴和你聊天。"), ("Hi there", "Hi! I am MiniMind, a small AI assistant.")]
 SYSTEMS = ["你是一个乐于助人的助手。", "You are a helpful assistant.", "请用简洁的语言回答。", "Answer briefly."]
 
@@ -83,7 +84,8 @@ def make(n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     pairs = [(q, a) for qs, ans in GROUPS.values() for q in qs for a in ans]
     rng.shuffle(pairs)
-    out = [{"conversations": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in pairs[:n]]
+    out = [{"conversations": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+           for q, a in pairs[:n]]
     for k in range(n // 8):  # multi-turn: greeting, then an identity question
         g, ga = rng.choice(GREETINGS)
         q, a = rng.choice(pairs)

@@ -1,4 +1,5 @@
-"""Train the project's bundled byte-level BPE tokenizer -> minimind_jax/assets/tokenizer/{tokenizer.json,tokenizer_config.json}.
+"""Train the project's bundled byte-level BPE tokenizer -> \
+minimind_jax/assets/tokenizer/{tokenizer.json,tokenizer_config.json}.
 
 Same recipe as MiniMind's trainer/train_tokenizer.py (byte-level BPE, 6400 tokens, the 36 reserved tokens of
 MiniMind-3 at ids 0..35 with the same `special` flags, pad/unk `<|endoftext|>`=0, bos `<|im_start|>`=1,
@@ -69,7 +70,8 @@ def tokenizer_config(template: str, tok: Tokenizer) -> dict:
         "add_bos_token": False, "add_eos_token": False, "add_prefix_space": False,
         "added_tokens_decoder": decoder,
         "additional_special_tokens": SPECIAL[1:],
-        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
         "clean_up_tokenization_spaces": False, "legacy": True, "model_max_length": 131072, "sp_model_kwargs": {},
         "spaces_between_special_tokens": False,
         "chat_template": template,

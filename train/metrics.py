@@ -29,14 +29,15 @@ class MetricsWriter:
                 except json.JSONDecodeError:
                     break  # a torn last line from a killed run
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(l + "\n" for l in kept), encoding="utf-8")
+        tmp.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
         os.replace(tmp, self.path)
         self._f = open(self.path, "a", encoding="utf-8")
         if tensorboard_dir is not None:
             try:
                 from tensorboardX import SummaryWriter
             except ImportError:
-                self.note = "--tensorboard: tensorboardX is not installed (pip install tensorboardX); TensorBoard logging is off"
+                self.note = ("--tensorboard: tensorboardX is not installed (pip install tensorboardX); "
+                             "TensorBoard logging is off")
             else:
                 self.tb = SummaryWriter(str(tensorboard_dir))
 
@@ -59,7 +60,7 @@ class MetricsWriter:
 
 
 def read_metrics(path) -> list[dict]:
-    return [json.loads(l) for l in Path(path).read_text(encoding="utf-8").splitlines() if l.strip()]
+    return [json.loads(ln) for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
 
 
 def plot_loss(metrics_path, png_path, title: str = "") -> Optional[str]:

@@ -57,7 +57,8 @@ def configure_cpu_devices(requested: int, global_rows: int, num_processes: Optio
     JAX_NUM_CPU_DEVICES already choose it, one device was asked for, or JAX's backends are already running:
     e.g. a second main() call).
     """
-    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") or os.environ.get("JAX_NUM_CPU_DEVICES"):
+    if ("xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+            or os.environ.get("JAX_NUM_CPU_DEVICES")):
         return None
     procs = num_processes or _env_int("JAX_NUM_PROCESSES") or 1
     n = cpu_device_count(requested, max(1, global_rows // procs))

@@ -11,10 +11,10 @@ argument of the step, so they hold no gradient and no optimizer state. The step 
 - lr = MiniMind's `get_lr(s, total, lr) = lr * (0.1 + 0.45 * (1 + cos(pi * s / total)))`, s counted from 1.
 
 Batches of rows: a micro-batch is the rows of `--batch_size` samples (one per row padded, or packed several to a
-row), laid out by `prepare_batch` as chunks of P rows (one or a few per data device); the step loops over the
-chunks that hold rows and sums their gradients of sum(nll) / (labelled tokens of the whole micro-batch), which
-is the gradient of the micro-batch's mean loss. So the number of rows can change from step to step (it follows
-the samples' lengths) under one compiled program, and activations are held for one chunk at a time.
+row), laid out by `train.batch.prepare_batch` as chunks of P rows (one or a few per data device); the step loops
+over the chunks that hold rows and sums their gradients of sum(nll) / (labelled tokens of the whole micro-batch),
+which is the gradient of the micro-batch's mean loss. So the number of rows can change from step to step (it
+follows the samples' lengths) under one compiled program, and activations are held for one chunk at a time.
 
 Speed: the vocabulary projection is computed only at the positions whose shifted label is not -100: each
 device's rows of a chunk are one group whose labelled positions are gathered into a [groups, cap, D] buffer
@@ -37,13 +37,12 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import struct
 
 import lora as lora_lib
-
-IGNORE = -100
+from minimind_jax.model import nll_sum
+from train.batch import IGNORE
 
 
 # ------------------------------------------------------------------------------------------- schedule
@@ -110,70 +109,15 @@ def init_state(adapter: lora_lib.Adapter, tx, seed: int = 42) -> TrainState:
                       rng=jax.random.PRNGKey(seed))
 
 
-# ------------------------------------------------------------------------------------------- batches
-
-
-def bucket(n: int, hi: int, lo: int = 16) -> int:
-    """Smallest of lo-aligned sizes {2^k, 3*2^(k-1)} >= n, capped at hi: few distinct shapes -> few compiles."""
-    n = max(int(n), 1)
-    size = lo
-    while size < n:
-        size = size * 3 // 2 if (size & (size - 1)) == 0 else size * 4 // 3  # 16, 24, 32, 48, 64, 96, ...
-    return min(size, hi)
-
-
-def prepare_batch(batch: dict, *, devices: int = 1, rows_per_device: int = 1, max_rows: Optional[int] = None,
-                  trim: bool = True, labels_only: bool = True, pad_id: Optional[int] = None) -> tuple[dict, int, Optional[int], dict]:
-    """Host side (numpy) shaping of one loader batch [R, T] -> (chunks, n_chunks, label cap, stats).
-
-    chunks: every array as [C, P, T'] with P = devices * rows_per_device rows per chunk (rows_per_device per data
-      device) and C = ceil(max_rows / P) (static: max_rows is the most rows a batch of this run can have, so the
-      compiled shape never changes); only the first n_chunks = ceil(R / P) chunks hold rows, the step's loop runs
-      over those alone. Padding rows are empty (labels -100, segment 0).
-    trim: cut every row after the last labelled token of the batch, to a bucketed length T' (exact for the loss of
-      a causal model; NOT for a MoE aux loss, which averages over every position, so callers pass trim=False then).
-    labels_only: cap = (devices, C): C the largest count of labelled (shifted) positions of any device's rows in
-      any chunk, bucketed (16, 24, 32, 48, ...); the step projects only those to the vocabulary, gathering per
-      device (labelled_nll's groups). None (full logits) when labels_only is False or C is over half the positions.
-    stats: {"tokens": non-padding tokens, "labelled": labelled tokens, "rows": R, "need_t", "need_cap"}.
-    """
-    labels = batch["labels"]
-    r, t = labels.shape
-    per = devices * rows_per_device
-    max_rows = r if max_rows is None else max(max_rows, r)
-    c_max, n_chunks = -(-max_rows // per), max(1, -(-r // per))
-    valid = labels[:, 1:] != IGNORE  # [R, T-1]
-    if "segment_ids" in batch:
-        tokens = int(np.count_nonzero(batch["segment_ids"]))
-    elif pad_id is not None:
-        tokens = int(np.count_nonzero(batch["input_ids"] != pad_id))
-    else:
-        tokens = r * t
-    cols = np.flatnonzero(valid.any(0))
-    need_t = int(cols[-1]) + 2 if len(cols) else 2  # last labelled shifted column c is label position c+1
-    tb = bucket(need_t, t) if trim else t
-    out = {}
-    for k, v in batch.items():
-        fill = IGNORE if k == "labels" else (pad_id or 0) if k == "input_ids" else 0
-        full = np.full((c_max * per, tb), fill, v.dtype)
-        full[:r] = v[:, :tb]
-        out[k] = full.reshape(c_max, per, tb)
-    per_group = (out["labels"][:, :, 1:] != IGNORE).reshape(c_max, devices, -1).sum(-1)  # [C, devices]
-    need_cap = int(per_group.max())
-    positions = rows_per_device * (tb - 1)
-    cap = bucket(need_cap, positions)
-    # Gathering pays only when it drops most positions; short of that, full logits keep the compiled shapes few.
-    cap = (devices, cap) if labels_only and cap <= positions // 2 else None
-    stats = {"tokens": tokens, "labelled": int(valid.sum()), "rows": r, "need_t": need_t, "need_cap": need_cap}
-    return out, n_chunks, cap, stats
-
-
 # ------------------------------------------------------------------------------------------- loss
 
 
-def labelled_nll(model, params, hidden, labels, cap: Optional[int], groups: int = 1):
+def labelled_nll(model, params, hidden, labels, cap: Optional[int], groups: int = 1, branch=None):
     """MiniMind's shifted cross-entropy terms from hidden states [B, T, D]: -> (sum of -log p over the labelled
     positions, their count); MiniMind's loss is sum / count over the whole batch.
+
+    branch: the model's "lora" collection (lora.collection(adapter)); it must reach the vocabulary projection too,
+    or an adapter on an untied `lm_head` (`--targets lm_head`) would get no gradient.
 
     cap=None: logits at all B*(T-1) positions (MiniMind). cap=C: the rows are split into `groups` equal groups
     (G, one per data device, so the gather stays on the device), the first C labelled positions of each group are
@@ -192,10 +136,9 @@ def labelled_nll(model, params, hidden, labels, cap: Optional[int], groups: int 
             h = jnp.take_along_axis(h, idx[..., None], axis=1)  # [G, C, D]
             tgt = jnp.take_along_axis(tgt, idx, axis=1)
             valid = keep
-    logits = model.apply({"params": params}, h, method="logits").astype(jnp.float32)  # [B or G, T-1 or C, V]
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, jnp.where(valid, tgt, 0)[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(valid, lse - picked, 0.0)), count
+    variables = {"params": params} if branch is None else {"params": params, "lora": branch}
+    logits = model.apply(variables, h, method="logits")  # [B or G, T-1 or C, V]
+    return nll_sum(logits, tgt, valid), count
 
 
 def loss_terms(adapter, params, batch: dict, *, model, cap: Optional[int], rng=None, deterministic: bool = False,
@@ -204,9 +147,11 @@ def loss_terms(adapter, params, batch: dict, *, model, cap: Optional[int], rng=N
     kw = {}
     if rng is not None and model.config.dropout > 0 and not deterministic:
         kw["rngs"] = {"dropout": rng}
-    out = lora_lib.apply(model, params, adapter, batch["input_ids"], positions=batch.get("positions"),
-                         segment_ids=batch.get("segment_ids"), deterministic=deterministic, logits_to_keep=1, **kw)
-    nll, count = labelled_nll(model, params, out.hidden_states, batch["labels"], cap, groups)
+    branch = lora_lib.collection(adapter)  # built once, for the layers and the vocabulary projection
+    variables = {"params": params} if branch is None else {"params": params, "lora": branch}
+    out = model.apply(variables, batch["input_ids"], positions=batch.get("positions"),
+                      segment_ids=batch.get("segment_ids"), deterministic=deterministic, logits_to_keep=1, **kw)
+    nll, count = labelled_nll(model, params, out.hidden_states, batch["labels"], cap, groups, branch)
     aux = out.aux_loss if out.aux_loss is not None else jnp.zeros((), jnp.float32)
     return nll, count, aux
 
@@ -303,8 +248,14 @@ class CompiledSteps:
     def _compile(self, key, state, params, chunks, n_chunks, lr, cap, update):
         t0 = time.perf_counter()
         out = self.jitted.lower(state, params, chunks, n_chunks, lr, cap=cap, update=update).compile()
-        self.compile_s[key] = time.perf_counter() - t0
+        with self._lock:
+            self.compile_s[key] = time.perf_counter() - t0
         return out
+
+    def total_compile_s(self) -> float:
+        """Seconds spent compiling so far (background compiles included once they finish)."""
+        with self._lock:
+            return sum(self.compile_s.values())
 
     def start(self, state, params, chunks, n_chunks, lr, *, cap, update) -> None:
         key = self.key(chunks, cap, update)

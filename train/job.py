@@ -1,0 +1,133 @@
+"""The pieces of a run, each built from its RunConfig: the base model, the tokenizer and data, the batch plan, the
+adapter. Builders return plain values and a note for the log; train.run puts them together and logs the notes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+import numpy as np
+
+import convert
+import lora
+from minimind_jax import MiniMindConfig
+from minimind_jax.model import init_params
+from minimind_jax.tokenizer import load_tokenizer
+from train.batch import prepare_batch
+from train.config import ACCEL_CHUNK_TOKENS, RunConfig
+from train.data import SFTLoader, load_sft_dataset
+
+
+def _shape(config) -> str:
+    return f"{config.hidden_size}x{config.num_hidden_layers}{', MoE' if config.use_moe else ''}"
+
+
+def load_base(cfg: RunConfig):
+    """-> (config, params, note): --from_weight's model, or a random MiniMind2-small-shaped one (seed --seed)."""
+    if not cfg.random_base:
+        config, params = convert.load_model(cfg.from_weight)
+        return config, params, f"base weights: {cfg.from_weight} ({config.family}, {_shape(config)})"
+    config = MiniMindConfig.minimind2_small(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
+                                            use_moe=cfg.use_moe)
+    params = init_params(config, cfg.seed)
+    return config, params, (f"no --from_weight: random-init base (MiniMind2-small-shaped, {_shape(config)}, "
+                            f"seed {cfg.seed}); answers before training are gibberish")
+
+
+def make_adapter(cfg: RunConfig, params):
+    """-> (adapter, note): --from_lora's adapter (checked against the base), or a new one (seed --seed + 1)."""
+    if cfg.from_lora:
+        adapter = convert.load_adapter(cfg.from_lora)
+        try:
+            lora.merge(params, adapter)  # shape check against the base (cheap for the sizes involved)
+        except (KeyError, ValueError) as e:
+            raise SystemExit(f"--from_lora {cfg.from_lora} does not fit the base model: {e}")
+        ranks = sorted(set(adapter.ranks.values()))
+        return adapter, f"adapter from --from_lora {cfg.from_lora} (ranks {ranks}, targets {adapter.targets})"
+    adapter = lora.init(params, jax.random.PRNGKey(cfg.seed + 1), rank=cfg.rank, targets=cfg.targets, alpha=cfg.alpha)
+    return adapter, f"new adapter: rank {cfg.rank}, targets {adapter.targets}, alpha {cfg.alpha}"
+
+
+def load_data(cfg: RunConfig, config):
+    """-> (tokenizer, tokenized dataset); train.data's DataError names a bad file:line."""
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise SystemExit(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's vocab_size "
+                         f"is {config.vocab_size}")
+    ds = load_sft_dataset(cfg.data_paths, tokenizer, max_seq_len=cfg.max_seq_len, cache_dir=cfg.cache_dir,
+                          skip_bad_lines=cfg.skip_bad_lines)
+    return tokenizer, ds
+
+
+@dataclass(frozen=True, eq=False)
+class Batches:
+    """The run's batch plan: the loader, its steps per epoch, and `prepare` (a loader batch -> the step's chunks,
+    train.batch.prepare_batch with this run's settings)."""
+    loader: SFTLoader
+    iters: tuple  # micro-steps of each epoch
+    offsets: np.ndarray  # [epochs + 1] global micro-step before each epoch
+    rows_per_device: int
+    prepare: Callable
+
+    @property
+    def total(self) -> int:
+        return int(self.offsets[-1])
+
+    def positions(self, epoch0: int, step0: int) -> list[tuple[int, int]]:
+        """(epoch, step) of every micro-step from (epoch0, step0) on, both 0-based."""
+        return [(e, s) for e in range(epoch0, len(self.iters))
+                for s in range(step0 if e == epoch0 else 0, self.iters[e])]
+
+    def where(self, g: int) -> str:
+        """Global micro-step g (1-based) as MiniMind's 'step s/n of epoch e/E'."""
+        e = int(np.searchsorted(self.offsets, g, side="left")) - 1
+        return f"step {g - self.offsets[e]}/{self.iters[e]} of epoch {e + 1}/{len(self.iters)} (global step {g})"
+
+
+def plan_batches(cfg: RunConfig, config, ds) -> Batches:
+    devices = jax.local_device_count()
+    host_rows = (cfg.batch_tokens // cfg.max_seq_len if cfg.batch_tokens else cfg.batch_size) // jax.process_count()
+    per_device = rows_per_device(cfg, config, max(host_rows, 1), devices)
+    half = -(-cfg.max_seq_len // 32) * 16  # a second row length for batches of short samples (one more compile)
+    try:
+        loader = SFTLoader(ds, cfg.batch_size, packed=cfg.pack, batch_tokens=cfg.batch_tokens,
+                           group_by_length=cfg.group_by_length, seed=cfg.seed, add_system_ratio=cfg.add_system_ratio,
+                           empty_think_ratio=cfg.empty_think_ratio, num_epochs=cfg.epochs,
+                           row_lengths=(half,) if half >= 64 else (), row_multiple=devices * per_device)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    iters = tuple(loader.steps_in_epoch(e) for e in range(cfg.epochs))
+    # Padded rows are cut after the batch's last label (packed rows are sized by the packer); not with MoE, whose
+    # aux loss averages over every position of MiniMind's full length.
+    trim = not config.use_moe and not cfg.pack
+    prepare = lambda b: prepare_batch(b, devices=devices, rows_per_device=per_device, max_rows=loader.max_rows,
+                                      trim=trim, labels_only=cfg.labels_only, pad_id=ds.pad_id)
+    return Batches(loader, iters, np.concatenate([[0], np.cumsum(iters)]).astype(int), per_device, prepare)
+
+
+def rows_per_device(cfg: RunConfig, config, host_rows: int, devices: int) -> int:
+    """Rows each device runs per forward pass inside a step (train.step: the step loops over chunks of these)."""
+    if config.use_moe and not cfg.pack:  # one chunk: MiniMind's aux loss over the whole padded batch
+        return -(-host_rows // devices)
+    if cfg.rows_per_device > 0:
+        return cfg.rows_per_device
+    if jax.default_backend() == "cpu":  # one row keeps the last chunk's padding rows few; bigger gains nothing here
+        return 1
+    return max(1, min(ACCEL_CHUNK_TOKENS // cfg.max_seq_len, -(-host_rows // devices)))
+
+
+def describe(cfg: RunConfig, params, adapter, ds, batches: Batches, devices: int, dtype: str) -> list[str]:
+    """The log lines on the sizes of the run: parameters, then data and steps."""
+    n_base, n_lora = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)), adapter.num_params()
+    loader = batches.loader
+    rows = (f"packed into rows of {' or '.join(map(str, loader.row_lengths[::-1]))} tokens" if cfg.pack else
+            f"padded to rows of {loader.seq_len}")
+    per_step = (f"{loader.rows_per_step} rows of {loader.seq_len} tokens per step (--batch_tokens {cfg.batch_tokens}; "
+                "--batch_size not used)" if cfg.batch_tokens else
+                f"{cfg.batch_size} samples per step{', grouped by length' if cfg.group_by_length else ''}, {rows}")
+    return [f"LLM total params: {(n_base + n_lora) / 1e6:.3f} M | LoRA params: {n_lora / 1e6:.3f} M | "
+            f"LoRA ratio: {n_lora / (n_base + n_lora) * 100:.2f}%",
+            f"data: {len(ds)} samples from {', '.join(cfg.data_paths)}; {per_step} (fill "
+            f"{loader.fill_ratio(0) * 100:.0f}%); {batches.iters[0]} steps/epoch x {cfg.epochs} epochs on {devices} "
+            f"device(s), accumulation {cfg.accumulation_steps}, dtype {dtype}"]

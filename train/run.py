@@ -1,0 +1,286 @@
+"""One LoRA SFT run: everything `python -m train.lora` does once its flags are parsed.
+
+    summary = run(RunConfig(data_path="my.jsonl", from_weight="full_sft", epochs=2))
+    summary["losses"], summary["adapter"]                   # the log steps' losses, the trained lora.Adapter
+
+setup (JAX and its devices, base, data, adapter, mesh, train state, resume) -> answers before -> the loop over
+prefetched host batches (log steps, save steps) -> loss curve, answers after, summary. `on_step(global_step,
+state)`, if given, runs after every micro-step, its log and its save (research hooks; tests raise from it to
+simulate a crash); `state` is the train.step.TrainState, donated to the next step: copy what must outlive it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+import convert
+from minimind_jax import MiniMindForCausalLM
+from minimind_jax.config import compute_dtype
+from train import job as job_lib, sharding, step as step_lib
+from train.batch import IGNORE
+from train.config import RunConfig
+from train.metrics import MetricsWriter, plot_loss
+from train.prefetch import Prefetcher
+from train.prompts import answer
+from train.resume import ResumeManager, adapter_path, resume_dir
+
+# Settings a resumed run must share with the run that wrote the state (else its batches or base would differ).
+RESUME_KEYS = ("batch_size", "pack", "batch_tokens", "group_by_length", "seed", "max_seq_len", "num_samples",
+               "base_fingerprint", "accumulation_steps")
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def log(msg: str) -> None:
+    if jax.process_index() == 0:
+        tqdm.write(msg)
+
+
+@dataclass(frozen=True, eq=False)
+class Job:
+    """What setup built: read by the loop and the end, never changed."""
+    cfg: RunConfig
+    config: Any  # MiniMindConfig of the base
+    params: Any  # base params, replicated over the mesh
+    dtype: Any  # compute dtype
+    mesh: Mesh
+    tokenizer: Any
+    batches: job_lib.Batches
+    train_step: step_lib.CompiledSteps
+    resume: ResumeManager
+    adapter_file: Path
+    run_meta: dict  # settings saved with the resume state (RESUME_KEYS must match to resume)
+
+    def adapter_meta(self, epoch: int, step: int) -> dict:
+        return {"lora_name": self.cfg.lora_name, "base_config": self.config.to_dict(),
+                "base_fingerprint": self.run_meta["base_fingerprint"], "epoch": epoch, "step": step,
+                "trained_with": "minimind-jax train.lora"}
+
+
+def run(cfg: RunConfig, *, on_step: Optional[Callable[[int, Any], None]] = None) -> dict:
+    """Train an adapter as `cfg` says; -> summary: "losses" and "history" (the log steps'), "adapter",
+    "updates" (optimizer steps), "steps" (micro-steps run), "adapter_path", "metrics_path", "answers_before",
+    "answers_after", "compile_s"."""
+    t_start = time.time()
+    job, state = setup(cfg)
+    try:
+        state, (epoch0, step0), resumed_at = restore(job, state)
+        positions = job.batches.positions(epoch0, step0)
+        if positions and jax.process_count() == 1:  # compile the first batch's step while the prompts are answered
+            _precompile(job, state, positions[0])
+        answers_before = []
+        if cfg.prompt_list and resumed_at is None:
+            answers_before = _answers(job, state, "[before]")
+        save_dir = Path(cfg.save_dir)
+        metrics = MetricsWriter(save_dir / f"{cfg.lora_name}_metrics.jsonl", resume_step=resumed_at,
+                                tensorboard_dir=(save_dir / "tensorboard" / cfg.lora_name) if cfg.tensorboard else None,
+                                enabled=jax.process_index() == 0)
+        if metrics.note:
+            log(metrics.note)
+        try:
+            state, history = train_loop(job, state, positions, metrics, on_step)
+        finally:
+            metrics.close()
+    finally:
+        job.resume.close()
+    return finish(job, state, history, metrics.path, len(positions), answers_before, t_start)
+
+
+def setup(cfg: RunConfig):
+    """-> (Job, fresh train state on the mesh); logs what it built."""
+    # before JAX starts: the device count is fixed when its backends come up
+    cpu_split = sharding.configure_cpu_devices(cfg.cpu_devices, cfg.batch_size, cfg.num_processes)
+    sharding.init_distributed(cfg.coordinator, cfg.num_processes, cfg.process_id)
+    config, params, base_note = job_lib.load_base(cfg)
+    log(base_note)
+    if cfg.demo:
+        log(cfg.demo_note())
+    mesh = sharding.make_mesh()
+    if cpu_split and jax.default_backend() == "cpu":
+        log(f"CPU split into {cpu_split} XLA devices for data parallelism (--cpu_devices 1 to keep one)")
+    dtype = cfg.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    tokenizer, ds = job_lib.load_data(cfg, config)
+    batches = job_lib.plan_batches(cfg, config, ds)
+    adapter, adapter_note = job_lib.make_adapter(cfg, params)
+    log(adapter_note)
+    for line in job_lib.describe(cfg, params, adapter, ds, batches, mesh.devices.size, dtype):
+        log(line)
+
+    run_meta = {"batch_size": cfg.batch_size, "pack": int(cfg.pack), "batch_tokens": cfg.batch_tokens,
+                "group_by_length": int(cfg.group_by_length), "seed": cfg.seed, "max_seq_len": cfg.max_seq_len,
+                "accumulation_steps": cfg.accumulation_steps, "epochs": cfg.epochs,
+                "learning_rate": cfg.learning_rate, "rank": cfg.rank, "targets": adapter.targets,
+                "alpha": adapter.alpha, "num_samples": len(ds), "base_fingerprint": convert.fingerprint(params)}
+    tx = step_lib.make_optimizer()
+    state = sharding.replicate(step_lib.init_state(adapter, tx, seed=cfg.seed), mesh)
+    model = MiniMindForCausalLM(config, dtype=compute_dtype(dtype))
+    train_step = step_lib.CompiledSteps(step_lib.make_train_step(
+        model, tx, accumulation_steps=cfg.accumulation_steps, grad_clip=cfg.grad_clip,
+        state_sharding=sharding.replicated(mesh)))
+    Path(cfg.save_dir).mkdir(parents=True, exist_ok=True)
+    job = Job(cfg, config, sharding.replicate(params, mesh), model.dtype, mesh, tokenizer, batches, train_step,
+              ResumeManager(resume_dir(cfg.save_dir, cfg.lora_name, config)),
+              adapter_path(cfg.save_dir, cfg.lora_name, config), run_meta)
+    return job, state
+
+
+def restore(job: Job, state):
+    """--from_resume 1: the saved state and where it stopped; a fresh run clears an earlier run's resume state.
+    -> (state, (epoch, step) to start at, 0-based; the resumed global step or None)."""
+    resume = job.resume
+    if not job.cfg.from_resume:
+        if jax.process_index() == 0 and resume.latest_step() is not None:
+            log(f"fresh run: replacing the earlier run's resume state in {resume.directory} (steps "
+                f"{resume.clear()}); --from_resume 1 continues a run instead")
+        return state, (0, 0), None
+    got = resume.restore(state.to_tree())
+    if got is None:
+        log(f"--from_resume 1: no checkpoint in {resume.directory}; starting from scratch")
+        return state, (0, 0), None
+    tree, meta, resumed_at = got
+    for k in RESUME_KEYS:
+        if meta["run"].get(k) != job.run_meta[k]:
+            raise SystemExit(f"cannot resume from {resume.directory}/{resumed_at}: it was written with "
+                             f"{k}={meta['run'].get(k)!r}, this run has {job.run_meta[k]!r}")
+    rep = sharding.replicated(job.mesh)
+    state = state.from_tree(jax.tree.map(lambda x: jax.device_put(x, rep), tree))
+    epoch0, step0 = int(meta["epoch"]), int(meta["step"])
+    log(f"resumed from {resume.directory}/{resumed_at}: epoch {epoch0 + 1}, step {step0 + 1}")
+    return state, (epoch0, step0), resumed_at
+
+
+def _is_update(job: Job, epoch: int, s: int) -> bool:
+    """MiniMind: the optimizer steps every accumulation_steps micro-steps (s from 1) and at the end of an epoch."""
+    return s % job.cfg.accumulation_steps == 0 or s == job.batches.iters[epoch]
+
+
+def _precompile(job: Job, state, position) -> None:
+    e, s = position
+    arrays, n_chunks, cap, _ = job.batches.prepare(job.batches.loader.get_batch(e, s))
+    job.train_step.start(state, job.params, sharding.put_batch(arrays, job.mesh), np.int32(n_chunks), 0.0, cap=cap,
+                         update=_is_update(job, e, s + 1))
+
+
+def _answers(job: Job, state, tag: str) -> list[str]:
+    prompts = job.cfg.prompt_list
+    out = answer(job.params, job.config, state.adapter, job.tokenizer, prompts, job.cfg.max_new_tokens, job.dtype)
+    for q, a in zip(prompts, out):
+        log(f"{tag} {q} -> {a!r}")
+    return out
+
+
+def train_loop(job: Job, state, positions, metrics: MetricsWriter, on_step):
+    """Run the micro-steps at `positions` [(epoch, step)], 0-based; -> (final state, the log steps' records)."""
+    cfg, batches = job.cfg, job.batches
+    bar = tqdm(total=len(positions), disable=jax.process_index() != 0, dynamic_ncols=True, desc="lora")
+    prefetch = Prefetcher(batches.loader, positions, batches.prepare)
+    history, last_saved = [], None
+    window = {"tokens": 0, "t0": time.time()}  # throughput since the last log step
+    try:
+        for epoch, s0, (arrays, n_chunks, cap, stats) in prefetch:
+            s = s0 + 1  # MiniMind counts steps from 1 within the epoch
+            g = int(batches.offsets[epoch]) + s
+            lr = step_lib.get_lr(g, batches.total, cfg.learning_rate)
+            batch, n_chunks, cap = _device_batch(job.mesh, arrays, n_chunks, cap)
+            state, m = job.train_step(state, job.params, batch, np.int32(n_chunks), lr, cap=cap,
+                                      update=_is_update(job, epoch, s))
+            window["tokens"] += stats["tokens"] * jax.process_count()
+            bar.update(1)
+            end = s == batches.iters[epoch]
+            if s % cfg.log_interval == 0 or end:
+                rec = _log_step(job, jax.device_get(m), (epoch, s, g), lr, stats, window, last_saved)
+                history.append(rec)
+                metrics.log(rec)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            if s % cfg.save_interval == 0 or end:
+                _check_finite(job, state.bad_step, last_saved)
+                last_saved = _save(job, state, epoch, s, g)
+            if on_step is not None:
+                on_step(g, state)
+        _check_finite(job, state.bad_step, last_saved)
+    finally:
+        prefetch.close()
+        bar.close()
+    return state, history
+
+
+def _device_batch(mesh: Mesh, arrays: dict, n_chunks: int, cap):
+    """This host's chunks -> global arrays on the mesh (and the step's n_chunks and cap)."""
+    if jax.process_count() > 1:  # every host must pick the same static shapes and loop length
+        t_need, c_need, n_chunks = (int(x) for x in sharding.agree_max([arrays["labels"].shape[-1],
+                                                                         cap[1] if cap else 0, n_chunks]))
+        arrays = {k: _pad_to(v, t_need, k) for k, v in arrays.items()}
+        cap = (mesh.devices.size, c_need) if cap is not None else None  # groups: every device
+    return sharding.put_batch(arrays, mesh), n_chunks, cap
+
+
+def _pad_to(x: np.ndarray, t: int, key: str) -> np.ndarray:
+    if x.shape[-1] >= t:
+        return x
+    fill = IGNORE if key == "labels" else 0
+    return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, t - x.shape[-1])], constant_values=fill)
+
+
+def _log_step(job: Job, m: dict, at, lr: float, stats: dict, window: dict, last_saved) -> dict:
+    """A log step: the metrics record (also logged in MiniMind's format); restarts the throughput window."""
+    epoch, s, g = at
+    _check_finite(job, m["bad_step"], last_saved)
+    dt = time.time() - window["t0"]
+    rec = {"step": g, "epoch": epoch + 1, "epoch_step": s, "loss": float(m["loss"]),
+           "aux_loss": float(m["aux_loss"]), "lr": lr, "grad_norm": float(m["grad_norm"]),
+           "tokens_per_s": window["tokens"] / max(dt, 1e-9), "rows": stats["rows"],
+           "compile_s": round(job.train_step.total_compile_s(), 3)}
+    window.update(tokens=0, t0=time.time())
+    log(f"Epoch:[{epoch + 1}/{job.cfg.epochs}]({s}/{job.batches.iters[epoch]}) loss: {rec['loss']:.4f} "
+        f"aux_loss: {rec['aux_loss']:.4f} lr: {lr:.8f} grad_norm: {rec['grad_norm']:.4f} "
+        f"tokens/s: {rec['tokens_per_s']:.0f}")
+    return rec
+
+
+def _check_finite(job: Job, bad_step, last_saved: Optional[str]) -> None:
+    """Raise TrainingDiverged if the step recorded a non-finite loss (state.bad_step / metrics' bad_step >= 0)."""
+    bad = int(jax.device_get(bad_step))
+    if bad >= 0:
+        kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint had been saved yet"
+        raise TrainingDiverged(f"non-finite loss at {job.batches.where(bad)}; stopped without saving that state; "
+                               f"{kept}")
+
+
+def _save(job: Job, state, epoch: int, s: int, g: int) -> str:
+    """Write the adapter (process 0) and the resume state after micro-step s of `epoch`; -> what was saved."""
+    nxt = (epoch + 1, 0) if s == job.batches.iters[epoch] else (epoch, s)  # where a resumed run starts
+    if jax.process_index() == 0:
+        host = state.adapter.replace(weights=jax.tree.map(lambda x: np.asarray(jax.device_get(x)),
+                                                          state.adapter.weights))
+        convert.save_adapter(host, job.adapter_file, metadata=job.adapter_meta(epoch + 1, s), overwrite=True)
+    job.resume.save(g, state.to_tree(), {"epoch": nxt[0], "step": nxt[1], "run": job.run_meta,
+                                         "loader": {**job.batches.loader.state_dict(), "epoch": nxt[0],
+                                                    "step": nxt[1]}})
+    return f"{job.adapter_file} (epoch {epoch + 1}, step {s}; resume state {job.resume.directory}/{g})"
+
+
+def finish(job: Job, state, history: list, metrics_path: Path, steps: int, answers_before: list,
+           t_start: float) -> dict:
+    """After the loop: loss curve, answers after, the summary."""
+    cfg = job.cfg
+    summary = {"losses": [r["loss"] for r in history], "history": history, "adapter_path": str(job.adapter_file),
+               "metrics_path": str(metrics_path), "answers_before": answers_before, "steps": steps,
+               "compile_s": job.train_step.total_compile_s()}
+    log(f"train step compiled in {summary['compile_s']:.1f} s ({len(job.train_step.compile_s)} shape(s) of batch)")
+    if jax.process_index() == 0 and history:
+        png = Path(cfg.save_dir) / f"{cfg.lora_name}_loss.png"
+        skipped = plot_loss(metrics_path, png, title=f"{cfg.lora_name} (rank {cfg.rank})")
+        log(skipped or f"loss curve: {png}")
+    summary["answers_after"] = _answers(job, state, "[after] ") if cfg.prompt_list else []
+    log(f"saved adapter {job.adapter_file}; metrics {metrics_path}; total time {time.time() - t_start:.0f}s")
+    summary.update(adapter=state.adapter, updates=int(jax.device_get(state.updates)))
+    return summary
