@@ -22,8 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import lora
-from minimind_jax import MiniMindConfig, MiniMindForCausalLM
+from minimind_jax import MiniMindConfig
 from minimind_jax.generate import generate
+from minimind_jax.model import init_params
 
 
 def timed(fn, repeats):
@@ -47,7 +48,8 @@ def matmul_chain_ms(params, config, rows: int, repeats: int = 50) -> float:
             a, m = p["self_attn"], p["mlp"]
             q, k, v = (x @ a[n]["kernel"] for n in ("q_proj", "k_proj", "v_proj"))
             x = x + (q + 0 * (k.sum() + v.sum())) @ a["o_proj"]["kernel"]  # q stands in for the attention output
-            x = x + (jax.nn.silu(x @ m["gate_proj"]["kernel"]) * (x @ m["up_proj"]["kernel"])) @ m["down_proj"]["kernel"]
+            x = x + ((jax.nn.silu(x @ m["gate_proj"]["kernel"]) * (x @ m["up_proj"]["kernel"]))
+                     @ m["down_proj"]["kernel"])
         return x @ head
 
     x = jnp.full((rows, config.hidden_size), 0.01, jnp.float32)
@@ -55,7 +57,7 @@ def matmul_chain_ms(params, config, rows: int, repeats: int = 50) -> float:
     return sec * 1e3
 
 
-def main(argv=None):
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden_size", type=int, default=512)
     ap.add_argument("--num_hidden_layers", type=int, default=8)
@@ -69,12 +71,14 @@ def main(argv=None):
     ap.add_argument("--greedy", action="store_true", help="argmax instead of MiniMind's default sampling")
     ap.add_argument("--floor", type=int, default=1, choices=(0, 1),
                     help="also time the weight matmuls of one step alone (the batching bound)")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
+
+def main(argv=None):
+    args = parse_args(argv)
     config = MiniMindConfig(family=args.family, hidden_size=args.hidden_size,
                             num_hidden_layers=args.num_hidden_layers)
-    params = jax.jit(lambda k: MiniMindForCausalLM(config).init(k, jnp.zeros((1, 4), jnp.int32))["params"])(
-        jax.random.key(0))
+    params = init_params(config, 0)
     n_params = sum(int(x.size) for x in jax.tree.leaves(params))
     print(f"{config.family} {config.hidden_size}x{config.num_hidden_layers} ({n_params / 1e6:.1f}M params), "
           f"backend {jax.default_backend()}, {jax.device_count()} device(s); prompt {args.prompt_len}, "
@@ -92,42 +96,47 @@ def main(argv=None):
         result[f"tokens_per_s_b{b}"] = round(tps, 1)
         print(f"batch {b:3d}: {sec * 1e3:8.1f} ms per call, {tps:9.1f} tokens/s")
     if len(batches) > 1 and f"tokens_per_s_b{batches[0]}" in result:
-        result["batch_speedup"] = round(result[f"tokens_per_s_b{batches[-1]}"] / result[f"tokens_per_s_b{batches[0]}"], 2)
-
+        result["batch_speedup"] = round(result[f"tokens_per_s_b{batches[-1]}"]
+                                        / result[f"tokens_per_s_b{batches[0]}"], 2)
     if len(batches) > 1 and not config.use_moe and args.floor:
-        # The weight matmuls of one decode step alone (no attention, norms or sampling) take floor_ms at the
-        # largest batch, so that batch cannot make more than batch / floor_ms tokens per ms on this machine's
-        # matmul kernels: divided by the measured batch-1 tokens/s, that bounds the batching speedup.
-        b0, b1 = batches[0], batches[-1]
-        floor = {bb: matmul_chain_ms(params, config, bb) for bb in (b0, b1)}
-        cap_tps = b1 * 1e3 / floor[b1]
-        bound = cap_tps / result[f"tokens_per_s_b{b0}"]
-        print(f"weight matmuls of one step alone: batch {b0} {floor[b0]:.2f} ms, batch {b1} {floor[b1]:.2f} ms "
-              f"-> batch {b1} cannot exceed {cap_tps:.0f} tokens/s = {bound:.1f}x the measured batch {b0} "
-              f"(attention, norms and sampling free)")
-        result.update({"matmul_chain_ms": {str(k): round(v, 3) for k, v in floor.items()},
-                       "batch_speedup_bound": round(bound, 2)})
-
+        result.update(batching_bound(params, config, batches[0], batches[-1], result[f"tokens_per_s_b{batches[0]}"]))
     if args.adapters > 0:
-        b = batches[-1]
-        ids = rng.integers(3, config.vocab_size, (b, args.prompt_len)).astype(np.int32)
-        ads = []
-        for i in range(args.adapters):
-            a = lora.init(params, jax.random.key(10 + i), rank=args.rank)
-            ads.append(a.replace(weights=jax.tree.map(lambda x: x + 0.01, a.weights)))  # non-zero B
-        merged = lora.merge(params, ads[0])
-        sec_merged, _ = timed(lambda: generate(merged, config, ids, **kw), args.repeats)
-        row_ids = np.arange(b) % args.adapters
-        sec_mixed, _ = timed(lambda: generate(params, config, ids, lora=lora.collection(ads, row_ids, batch=b), **kw),
-                             args.repeats)
-        ratio = sec_mixed / sec_merged
-        print(f"batch {b:3d}, one merged adapter: {b * args.new_tokens / sec_merged:9.1f} tokens/s; "
-              f"{args.adapters} adapters (rank {args.rank}) mixed per row: {b * args.new_tokens / sec_mixed:9.1f} "
-              f"tokens/s ({ratio:.2f}x the cost)")
-        result.update({f"tokens_per_s_b{b}_merged": round(b * args.new_tokens / sec_merged, 1),
-                       f"tokens_per_s_b{b}_multi{args.adapters}": round(b * args.new_tokens / sec_mixed, 1),
-                       "multi_adapter_cost_ratio": round(ratio, 3)})
+        result.update(mixed_adapters(args, params, config, batches[-1], rng, kw))
     print("RESULT " + json.dumps(result))
+
+
+def batching_bound(params, config, b0: int, b1: int, tps0: float) -> dict:
+    """The weight matmuls of one decode step alone (no attention, norms or sampling) take floor_ms at the largest
+    batch, so that batch cannot make more than batch / floor_ms tokens per ms on this machine's matmul kernels:
+    divided by the measured batch-1 tokens/s, that bounds the batching speedup."""
+    floor = {bb: matmul_chain_ms(params, config, bb) for bb in (b0, b1)}
+    cap_tps = b1 * 1e3 / floor[b1]
+    bound = cap_tps / tps0
+    print(f"weight matmuls of one step alone: batch {b0} {floor[b0]:.2f} ms, batch {b1} {floor[b1]:.2f} ms "
+          f"-> batch {b1} cannot exceed {cap_tps:.0f} tokens/s = {bound:.1f}x the measured batch {b0} "
+          f"(attention, norms and sampling free)")
+    return {"matmul_chain_ms": {str(k): round(v, 3) for k, v in floor.items()}, "batch_speedup_bound": round(bound, 2)}
+
+
+def mixed_adapters(args, params, config, b: int, rng, kw) -> dict:
+    """Batch b with one merged adapter vs `args.adapters` adapters mixed per row over the shared base."""
+    ids = rng.integers(3, config.vocab_size, (b, args.prompt_len)).astype(np.int32)
+    ads = []
+    for i in range(args.adapters):
+        a = lora.init(params, jax.random.key(10 + i), rank=args.rank)
+        ads.append(a.replace(weights=jax.tree.map(lambda x: x + 0.01, a.weights)))  # non-zero B
+    merged = lora.merge(params, ads[0])
+    sec_merged, _ = timed(lambda: generate(merged, config, ids, **kw), args.repeats)
+    row_ids = np.arange(b) % args.adapters
+    sec_mixed, _ = timed(lambda: generate(params, config, ids, lora=lora.collection(ads, row_ids, batch=b), **kw),
+                         args.repeats)
+    ratio = sec_mixed / sec_merged
+    print(f"batch {b:3d}, one merged adapter: {b * args.new_tokens / sec_merged:9.1f} tokens/s; "
+          f"{args.adapters} adapters (rank {args.rank}) mixed per row: {b * args.new_tokens / sec_mixed:9.1f} "
+          f"tokens/s ({ratio:.2f}x the cost)")
+    return {f"tokens_per_s_b{b}_merged": round(b * args.new_tokens / sec_merged, 1),
+            f"tokens_per_s_b{b}_multi{args.adapters}": round(b * args.new_tokens / sec_mixed, 1),
+            "multi_adapter_cost_ratio": round(ratio, 3)}
 
 
 if __name__ == "__main__":

@@ -127,7 +127,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modes", default="1,2", help="1 (equal work), 2 (real epoch) or 1,2")
     p.add_argument("--rounds", type=int, default=1, help="interleaved rounds (this machine drifts: compare in-round)")
-    p.add_argument("--variants", default="packed", help=f"mode 2 variants of ours, comma-separated: {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default="packed",
+                   help=f"mode 2 variants of ours, comma-separated: {', '.join(VARIANTS)}")
     p.add_argument("--data", type=Path, default=SHARED / "data" / "sft_mixed_public.jsonl")
     p.add_argument("--tokenizer", type=Path, default=SHARED / "fixtures" / "tokenizer_minimind")
     p.add_argument("--batch_size", type=int, default=16, help="mode 2 samples per step")
@@ -148,7 +149,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.smoke:
         args.hidden_size, args.num_hidden_layers, args.batch, args.seq, args.steps = 32, 1, 2, 32, 2
-        args.data, args.tokenizer, args.max_seq_len, args.batch_size = ROOT / "train" / "assets" / "lora_identity.jsonl", ROOT / "minimind_jax" / "assets" / "tokenizer", 128, 64
+        args.data, args.tokenizer, args.max_seq_len, args.batch_size = (
+            ROOT / "train" / "assets" / "lora_identity.jsonl", ROOT / "minimind_jax" / "assets" / "tokenizer", 128, 64)
     modes = {int(m) for m in args.modes.split(",") if m}
     variants = [v for v in args.variants.split(",") if v]
     if not modes or modes - {1, 2} or set(variants) - set(VARIANTS):

@@ -3,7 +3,7 @@
     PYTHONPATH=. python bench/train_step.py --batch 4 --seq 256     # MiniMind2-small 512x8, rank 8, fp32
 
 The CPU is split into data-parallel devices as the trainer does (`--cpu_devices`, 0 = one per core); the rows go
-through `prepare_batch` (chunks of one row per device) and the jitted step. Prints the median step time over
+through `train.batch.prepare_batch` (chunks of one row per device) and the jitted step. Prints the median step time over
 `--steps` (the statistic ../shared/bench/torch_minimind_bench.py reports) and a final `RESULT {json}` line;
 bench/train.py runs it beside PyTorch MiniMind.
 """
@@ -19,13 +19,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import lora  # noqa: E402
 from minimind_jax import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
+from minimind_jax.model import init_params  # noqa: E402
 from train import sharding as SH  # noqa: E402
 from train import step as S  # noqa: E402
+from train.batch import prepare_batch  # noqa: E402
 
 
 def main(argv=None):
@@ -42,14 +43,14 @@ def main(argv=None):
     mesh = SH.make_mesh()
     cfg = MiniMindConfig.minimind2_small(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers)
     model = MiniMindForCausalLM(cfg)
-    params = jax.jit(lambda k: model.init(k, jnp.zeros((1, 8), jnp.int32))["params"])(jax.random.PRNGKey(0))
+    params = init_params(cfg, 0)
     tx = S.make_optimizer()
     rep = SH.replicated(mesh)
     step = S.make_train_step(model, tx, state_sharding=rep)
     state = SH.replicate(S.init_state(lora.init(params, jax.random.PRNGKey(1), rank=args.rank), tx), mesh)
     params = SH.replicate(params, mesh)
     ids = np.random.default_rng(0).integers(3, cfg.vocab_size, (args.batch, args.seq)).astype(np.int32)
-    chunks, n_chunks, cap, _ = S.prepare_batch({"input_ids": ids, "labels": ids.copy()}, devices=mesh.devices.size)
+    chunks, n_chunks, cap, _ = prepare_batch({"input_ids": ids, "labels": ids.copy()}, devices=mesh.devices.size)
     chunks, n_chunks = SH.put_batch(chunks, mesh), np.int32(n_chunks)
     t0 = time.perf_counter()
     step.lower(state, params, chunks, n_chunks, 1e-4, cap=cap, update=True).compile()

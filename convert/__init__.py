@@ -7,10 +7,12 @@
 
 CLIs: `python -m convert.to_torch ...` (to MiniMind/PEFT) and `python -m convert.from_torch ...` (to orbax).
 """
-from .adapter_io import (BaseMismatchWarning, adapter_from_minimind, adapter_to_minimind, check_adapter, fingerprint,
-                         load_adapter, read_adapter_metadata, save_adapter)
-from .model_io import (ConfigInferredWarning, infer_config, load_model, params_to_state_dict, save_model,
-                       state_dict_layout, state_dict_to_params)
+from .adapter_io import (BaseMismatchWarning, check_adapter, fingerprint, load_adapter, read_adapter_metadata,
+                         save_adapter)
+from .adapter_keys import adapter_from_minimind, adapter_to_minimind
+from .infer import ConfigInferredWarning, infer_config
+from .layout import state_dict_layout
+from .model_io import load_model, params_to_state_dict, save_model, state_dict_to_params
 from .util import CheckpointError
 
 __all__ = ["load_adapter", "save_adapter", "read_adapter_metadata", "fingerprint", "check_adapter",

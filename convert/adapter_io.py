@@ -1,8 +1,8 @@
 """LoRA adapters in and out: MiniMind `.pth` / `.safetensors`, PEFT directories, orbax adapter checkpoints.
 
-MiniMind keys: `<module>.lora.A.weight` [r, in] and `<module>.lora.B.weight` [out, r]; MiniMind has no alpha
-(its delta is B@A), so writing an adapter with a non-unit scale folds the scale into B. `lora.Adapter` keeps
-A [in, r], B [r, out] at the module's place in the params tree (see lora/core.py).
+The key mapping to and from MiniMind's and PEFT's state dicts is convert/adapter_keys.py, telling formats apart
+convert/formats.py; here: loading (format detected, checked against the base), saving (format from the path),
+the metadata an orbax adapter checkpoint carries, and the base fingerprint.
 """
 from __future__ import annotations
 
@@ -19,12 +19,14 @@ import numpy as np
 from lora.core import Adapter
 from lora.targets import kernel_paths
 from minimind_jax.config import MiniMindConfig
+from minimind_jax.keys import module_name
 
 from . import checkpoint as ckpt
 from . import peft as peft_io
-from minimind_jax.keys import LORA_KEY_RE, lora_key, module_name, module_path, strip_prefix
-from .model_io import (TORCH_SUFFIXES, ConfigLike, _torch_order, load_model, param_shapes, resolve_config,
-                       sniff_kind)
+from .adapter_keys import adapter_from_minimind, adapter_from_peft, adapter_to_minimind, adapter_to_peft
+from .formats import adapter_format_for, adapter_kind
+from .layout import ConfigLike, param_shapes, resolve_config
+from .model_io import load_model
 from .safetensors_io import read_safetensors, write_safetensors
 from .torch_io import read_pth, write_pth
 from .util import CheckpointError, PathLike, as_numpy, cast, parse_dtype, short_list, split_minimind_name
@@ -78,48 +80,8 @@ def _common_rank(ranks: Mapping[str, int]) -> Optional[int]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# structure checks
+# the adapter against its base
 # ---------------------------------------------------------------------------------------------------------
-def _from_torch_modules(mods: Mapping[str, Mapping[str, np.ndarray]], source, dtype) -> dict:
-    """{module: {"A": [r, in], "B": [out, r]}} (torch layout) -> adapter weights tree (A [in, r], B [r, out]);
-    one error lists unpaired factors, non-2-D factors and rank mismatches."""
-    missing, bad = [], []
-    for m, ab in mods.items():
-        for f in ("A", "B"):
-            if f not in ab:
-                missing.append(lora_key(m, f))
-        if "A" in ab and "B" in ab:
-            a, b = ab["A"], ab["B"]
-            if a.ndim != 2 or b.ndim != 2:
-                bad.append(f"{m}: A {list(a.shape)}, B {list(b.shape)} (both must be 2-D)")
-            elif a.shape[0] != b.shape[1]:
-                bad.append(f"{m}: rank mismatch: A {list(a.shape)} has rank {a.shape[0]} but B {list(b.shape)} "
-                           f"has rank {b.shape[1]}")
-    if missing or bad:
-        parts = ([f"missing keys ({len(missing)}): {short_list(missing)}"] if missing else []) + \
-                ([f"bad shapes: {short_list(bad, 8)}"] if bad else [])
-        raise CheckpointError(f"{source}: not a valid LoRA adapter: " + "; ".join(parts))
-    if not mods:
-        raise CheckpointError(f"{source}: holds no LoRA factors")
-    weights: dict = {}
-    for m in sorted(mods, key=lambda k: _torch_order(k, "minimind3")):
-        node = weights
-        for p in module_path(m)[:-1]:
-            node = node.setdefault(p, {})
-        node[module_path(m)[-1]] = {"A": jnp.asarray(cast(mods[m]["A"].T, dtype)),
-                                    "B": jnp.asarray(cast(mods[m]["B"].T, dtype))}
-    return weights
-
-
-def _targets_of(names) -> str:
-    out = []
-    for m in sorted(names, key=lambda k: _torch_order(k, "minimind3")):
-        last = m.rsplit(".", 1)[-1]
-        if last not in out:
-            out.append(last)
-    return ",".join(out)
-
-
 def check_adapter(adapter: Adapter, params=None, config: ConfigLike = None, source: Any = "adapter") -> None:
     """Raise one CheckpointError if the adapter's modules are not in the base, or their shapes do not fit."""
     cfg = resolve_config(config)
@@ -146,82 +108,8 @@ def check_adapter(adapter: Adapter, params=None, config: ConfigLike = None, sour
 
 
 # ---------------------------------------------------------------------------------------------------------
-# MiniMind state dicts
-# ---------------------------------------------------------------------------------------------------------
-def adapter_from_minimind(sd: Mapping[str, np.ndarray], source: Any = "state dict", dtype=np.float32) -> Adapter:
-    """MiniMind's LoRA state dict (optionally `module.`-prefixed) -> Adapter (alpha None: scale 1)."""
-    mods: dict[str, dict[str, np.ndarray]] = {}
-    unexpected = []
-    for k, v in sd.items():
-        m = LORA_KEY_RE.match(strip_prefix(k))
-        if m:
-            mods.setdefault(m.group("module"), {})[m.group("factor")] = v
-        else:
-            unexpected.append(k)
-    if unexpected:
-        hint = ""
-        if not mods and any(k.endswith("embed_tokens.weight") for k in unexpected):
-            hint = " (this is a whole model, not a LoRA adapter: use load_model)"
-        elif any(peft_io.KEY_RE.match(k) for k in unexpected):
-            hint = " (PEFT keys: give the PEFT directory with its adapter_config.json)"
-        raise CheckpointError(f"{source}: unexpected keys for a MiniMind LoRA adapter ({len(unexpected)}): "
-                              f"{short_list(unexpected)}{hint}")
-    weights = _from_torch_modules(mods, source, parse_dtype(dtype))
-    return Adapter(weights, alpha=None, rslora=False, targets=_targets_of(mods))
-
-
-def adapter_to_minimind(adapter: Adapter, dtype=None) -> dict[str, np.ndarray]:
-    """Adapter -> MiniMind's LoRA state dict (torch layout, MiniMind's module order, scale folded into B)."""
-    dt = parse_dtype(dtype)
-    out = {}
-    for path, ab in _sorted_modules(adapter):
-        a, b = as_numpy(ab["A"]), as_numpy(ab["B"])
-        s = adapter.scale(a.shape[-1])
-        if s != 1.0:
-            b = (b.astype(np.float32) * np.float32(s)).astype(dt or b.dtype)
-        m = module_name(path)
-        out[lora_key(m, "A")] = np.ascontiguousarray(cast(a, dt).T)
-        out[lora_key(m, "B")] = np.ascontiguousarray(cast(b, dt).T)
-    return out
-
-
-def _sorted_modules(adapter: Adapter):
-    mods = adapter.modules()
-    if not mods:
-        raise ValueError("the adapter has no modules")
-    if any(ab["A"].ndim != 2 for _, ab in mods):
-        raise ValueError("a stacked adapter (lora.stack) has no MiniMind/PEFT form: lora.unstack it and save "
-                         "each adapter (orbax .ckpt keeps stacked adapters as they are)")
-    return sorted(mods, key=lambda pm: _torch_order(module_name(pm[0]), "minimind3"))
-
-
-# ---------------------------------------------------------------------------------------------------------
 # load / save
 # ---------------------------------------------------------------------------------------------------------
-def _adapter_kind(p: Path) -> str:
-    kind = sniff_kind(p)
-    if kind in ("torch", "safetensors") and (p.parent / peft_io.CONFIG).is_file() and \
-            p.name in (peft_io.WEIGHTS, peft_io.WEIGHTS_BIN):
-        return "peft"
-    return kind
-
-
-def _from_peft(p: Path, dtype) -> Adapter:
-    mods, scales, cfg = peft_io.read_peft(p)
-    weights_mods = {m: dict(ab) for m, ab in mods.items()}
-    alpha, rslora = None, False
-    if any(s != 1.0 for s in scales.values()):
-        cand = Adapter({}, alpha=float(cfg.get("lora_alpha", 8)), rslora=bool(cfg.get("use_rslora", False)))
-        if all(cand.scale(ab["A"].shape[0]) == scales[m] for m, ab in mods.items() if "A" in ab):
-            alpha, rslora = cand.alpha, cand.rslora
-        else:  # per-module alphas (alpha_pattern): one alpha cannot express them, fold each scale into B
-            for m, ab in weights_mods.items():
-                if "B" in ab:
-                    ab["B"] = (ab["B"].astype(np.float32) * np.float32(scales[m])).astype(ab["B"].dtype)
-    weights = _from_torch_modules(weights_mods, p, parse_dtype(dtype))
-    return Adapter(weights, alpha=alpha, rslora=rslora, targets=_targets_of(mods))
-
-
 def _from_ckpt(p: Path, dtype) -> tuple[Adapter, dict]:
     meta, tree = ckpt.load_adapter_ckpt(p)
     dt = parse_dtype(dtype)
@@ -259,7 +147,7 @@ def load_adapter(path: PathLike, params=None, config: ConfigLike = None, dtype: 
     dtype: of the factors (default float32; None keeps the stored dtype).
     """
     p = Path(path)
-    kind = _adapter_kind(p)
+    kind = adapter_kind(p)
     if kind == "adapter-ckpt":
         adapter, meta = _from_ckpt(p, dtype)
         fp = meta.get("base_fingerprint")
@@ -268,7 +156,7 @@ def load_adapter(path: PathLike, params=None, config: ConfigLike = None, dtype: 
                           f"have {fingerprint(params)}: it may not do what it did in training",
                           BaseMismatchWarning, stacklevel=2)
     elif kind == "peft":
-        adapter = _from_peft(p, dtype)
+        adapter = adapter_from_peft(p, dtype)
     elif kind == "torch":
         adapter = adapter_from_minimind(read_pth(p), p, dtype)
     elif kind == "safetensors":
@@ -277,21 +165,6 @@ def load_adapter(path: PathLike, params=None, config: ConfigLike = None, dtype: 
         raise CheckpointError(f"{p}: a {kind} (whole model), not a LoRA adapter: use load_model")
     check_adapter(adapter, params, config, p)
     return adapter
-
-
-def _format_for(p: Path, format: Optional[str]) -> str:
-    if format is not None:
-        f = {"orbax": "ckpt", "ckpt": "ckpt", "minimind": "pth", "pth": "pth", "torch": "pth", "peft": "peft",
-             "safetensors": "safetensors"}.get(format.lower())
-        if f is None:
-            raise ValueError(f"unknown adapter format {format!r}: use 'ckpt' (orbax), 'pth' (MiniMind), 'peft' "
-                             f"or 'safetensors' (MiniMind keys)")
-        return f
-    if p.suffix in TORCH_SUFFIXES:
-        return "pth"
-    if p.suffix == ".safetensors":
-        return "safetensors"
-    return "ckpt"
 
 
 def save_adapter(adapter: Adapter, path: PathLike, format: Optional[str] = None, metadata: Optional[Mapping] = None,
@@ -310,7 +183,7 @@ def save_adapter(adapter: Adapter, path: PathLike, format: Optional[str] = None,
     overwrite=True. Returns the path written.
     """
     p = Path(path)
-    fmt = _format_for(p, format)
+    fmt = adapter_format_for(p, format)
     cfg = resolve_config(config)
     if cfg is not None or params is not None:
         check_adapter(adapter, params, cfg, "adapter")
@@ -320,19 +193,7 @@ def save_adapter(adapter: Adapter, path: PathLike, format: Optional[str] = None,
         meta = {"format": "pt", "minimind_lora": "1", "targets": adapter.targets}
         write_safetensors(p, adapter_to_minimind(adapter, dtype), meta, overwrite)
     elif fmt == "peft":
-        mods, ranks = {}, {}
-        for path_, ab in _sorted_modules(adapter):
-            m = module_name(path_)
-            a, b = cast(as_numpy(ab["A"]), parse_dtype(dtype)), cast(as_numpy(ab["B"]), parse_dtype(dtype))
-            mods[m] = {"A": np.ascontiguousarray(a.T), "B": np.ascontiguousarray(b.T)}
-            ranks[m] = a.shape[-1]
-        if adapter.alpha is None:  # scale 1: lora_alpha = r (per module where ranks differ)
-            r = max(set(ranks.values()), key=list(ranks.values()).count)
-            alpha, rslora, pattern = float(r), False, {m: float(rk) for m, rk in ranks.items() if rk != r}
-        else:
-            alpha, rslora, pattern = float(adapter.alpha), bool(adapter.rslora), {}
-        base = (metadata or {}).get("base_model")
-        peft_io.write_peft(p, mods, alpha, rslora, pattern, base, overwrite)
+        adapter_to_peft(adapter, p, dtype, (metadata or {}).get("base_model"), overwrite)
     else:
         meta = _ckpt_metadata(adapter, metadata, dtype, cfg, params)
         dt = parse_dtype(dtype)
@@ -373,7 +234,7 @@ def read_adapter_metadata(path: PathLike) -> dict:
     """The metadata of an adapter: an orbax checkpoint's adapter.json; for other formats a summary
     (format, ranks, rank, targets, dtype, and for PEFT its adapter_config)."""
     p = Path(path)
-    kind = _adapter_kind(p)
+    kind = adapter_kind(p)
     if kind == "adapter-ckpt":
         return ckpt.read_json(p / ckpt.ADAPTER_META)
     adapter = load_adapter(p, dtype=None)
@@ -397,27 +258,3 @@ def load_base(path: PathLike) -> tuple[MiniMindConfig, Optional[dict]]:
     if p.suffix == ".json":
         return MiniMindConfig.from_json(p), None
     return load_model(p)
-
-
-def detect(path: PathLike) -> str:
-    """'adapter' or 'model' for an existing checkpoint path (files are told apart by their keys)."""
-    p = Path(path)
-    kind = _adapter_kind(p)
-    if kind in ("adapter-ckpt", "peft"):
-        return "adapter"
-    if kind == "params-ckpt":
-        return "model"
-    keys = _file_keys(p, kind)
-    lora = [k for k in keys if LORA_KEY_RE.match(strip_prefix(k)) or peft_io.KEY_RE.match(k) and "lora_" in k]
-    return "adapter" if lora and len(lora) * 2 >= len(keys) else "model"
-
-
-def _file_keys(p: Path, kind: str) -> list[str]:
-    if kind == "safetensors":
-        from safetensors import SafetensorError, safe_open
-        try:
-            with safe_open(str(p), framework="np") as f:
-                return list(f.keys())
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{p}: not a readable safetensors file ({type(e).__name__}: {e})") from e
-    return list(read_pth(p))

@@ -13,7 +13,8 @@ from typing import Optional, Sequence
 
 import jax
 
-from .adapter_io import detect, load_adapter, load_base, save_adapter
+from .adapter_io import load_adapter, load_base, save_adapter
+from .formats import detect
 from .model_io import load_model, save_model
 from .util import CheckpointError, print_written, split_minimind_name
 

@@ -18,9 +18,11 @@ import numpy as np
 
 import lora
 
-from .adapter_io import adapter_to_minimind, detect, load_adapter, read_adapter_metadata, save_adapter
+from .adapter_io import load_adapter, read_adapter_metadata, save_adapter
+from .adapter_keys import adapter_to_minimind
+from .formats import detect
 from .model_io import load_model, params_to_state_dict, save_model
-from .util import CheckpointError, print_written, split_minimind_name
+from .util import CheckpointError, parse_weights, print_written, split_minimind_name
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -100,11 +102,7 @@ def _model(args, inp: Path) -> None:
         raise ValueError(f"the output {out} is the input; give -o")
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} already exists; use --force to overwrite it")
-    weights = [1.0] * len(args.merge)
-    if args.weights:
-        weights = [float(w) for w in args.weights.split(",")]
-        if len(weights) != len(args.merge):
-            raise ValueError(f"--weights has {len(weights)} values for {len(args.merge)} --merge adapters")
+    weights = parse_weights(args.weights, len(args.merge), "--weights", "--merge")
     cfg, params = load_model(inp, config=args.config, dtype=None)
     stored = str(np.dtype(params["model"]["embed_tokens"]["embedding"].dtype))
     notes = []

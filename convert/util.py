@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional, Union
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+
+from minimind_jax.config import compute_dtype
 
 PathLike = Union[str, os.PathLike]
 
@@ -26,19 +27,21 @@ def as_numpy(x) -> np.ndarray:
 
 
 def parse_dtype(dtype) -> Optional[np.dtype]:
-    """None, a dtype, or a name ('float32', 'fp16', 'bf16', ...) -> np.dtype (bfloat16 via ml_dtypes)."""
-    if dtype is None:
-        return None
-    aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
-    if isinstance(dtype, str):
-        dtype = aliases.get(dtype.lower(), dtype.lower())
+    """None (keep the stored dtype), a dtype, or a name ('float32', 'fp16', 'bf16', ...) -> np.dtype."""
+    return None if dtype is None else compute_dtype(dtype)
+
+
+def parse_weights(text: Optional[str], n: int, flag: str, per: str) -> list[float]:
+    """`--weights 0.7,0.3` -> [0.7, 0.3], one per `per` (default 1.0 each); ValueError names the flag."""
+    if not text:
+        return [1.0] * n
     try:
-        dt = jnp.dtype(dtype)
-    except TypeError as e:
-        raise ValueError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16") from e
-    if dt not in (np.dtype(np.float32), np.dtype(np.float16), jnp.dtype(jnp.bfloat16)):
-        raise ValueError(f"weights are stored as float32, float16 or bfloat16, not {dt}")
-    return dt
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+    if len(weights) != n:
+        raise ValueError(f"{flag} has {len(weights)} values for {n} {per} adapters")
+    return weights
 
 
 def cast(x: np.ndarray, dtype: Optional[np.dtype]) -> np.ndarray:

@@ -23,7 +23,7 @@ contributes a zero delta there. Every result folds the scales into B, so it has 
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp

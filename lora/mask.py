@@ -15,7 +15,7 @@ feeding a zeroed update is dead code that XLA removes — a d x d weight gradien
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import jax
 import optax
@@ -92,7 +92,8 @@ def trainable_mask(tree, extra: Extra = None):
         return jax.tree.map(lambda _: True, tree)
     if not isinstance(tree, Mapping) or "lora" not in tree:
         raise TypeError("trainable_mask expects an Adapter or a dict {'lora': adapter, 'params': base params}; "
-                        f"got {type(tree).__name__}{' with keys ' + str(sorted(tree)) if isinstance(tree, Mapping) else ''}")
+                        f"got {type(tree).__name__}"
+                        f"{' with keys ' + str(sorted(tree)) if isinstance(tree, Mapping) else ''}")
     unknown = sorted(set(tree) - {"lora", "params"})
     if unknown:
         raise ValueError(f"trainable_mask: unexpected top-level keys {unknown} (expected 'lora' and 'params')")

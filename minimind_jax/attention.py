@@ -101,8 +101,10 @@ class Attention(nn.Module):
             # The cache is kept in heads_major layout, the operands of _attend's matmuls, so a decode step reads
             # it in place; a [B, S, K, H] cache was transposed (copied) twice per layer and step.
             kn, vn = heads_major(kx, v)
-            new_cache = {"k": jax.lax.dynamic_update_slice(cache["k"], kn.astype(cache["k"].dtype), (0, 0, cache_index)),
-                         "v": jax.lax.dynamic_update_slice(cache["v"], vn.astype(cache["v"].dtype), (0, cache_index, 0))}
+            new_cache = {"k": jax.lax.dynamic_update_slice(cache["k"], kn.astype(cache["k"].dtype),
+                                                           (0, 0, cache_index)),
+                         "v": jax.lax.dynamic_update_slice(cache["v"], vn.astype(cache["v"].dtype),
+                                                           (0, cache_index, 0))}
             out = _attend(qg, new_cache["k"].astype(self.dtype), new_cache["v"].astype(self.dtype), mask, self.dtype,
                           dropout)
         elif t > QUERY_BLOCK:

@@ -16,6 +16,8 @@ import math
 import os
 from typing import Any, Optional
 
+import jax.numpy as jnp
+
 FAMILIES = ("minimind2", "minimind3")
 
 # MiniMind's YaRN block, written as-is into config.json when inference_rope_scaling is on.
@@ -189,6 +191,26 @@ class MiniMindConfig:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(self.to_dict(), f, indent=2, sort_keys=True)
         os.replace(tmp, path)
+
+
+_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+    """A dtype or its name ('float32', 'bfloat16', 'float16' or fp32 / bf16 / fp16 / half / float) -> jnp.dtype.
+
+    The one parser of dtype flags and arguments (CLIs' --dtype, convert's dtype=): only the three float types
+    a MiniMind model is computed or stored in; anything else is a ValueError naming them."""
+    if isinstance(dtype, str):
+        dtype = _DTYPE_ALIASES.get(dtype.lower(), dtype.lower())
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError as e:
+        raise ValueError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16") from e
+    if dt.name not in FLOAT_DTYPES:
+        raise ValueError(f"weights are stored and computed as float32, float16 or bfloat16, not {dt}")
+    return dt
 
 
 def read_json_object(path: str | os.PathLike) -> dict:

@@ -8,10 +8,8 @@
 
 What it computes is MiniMind's `MiniMindForCausalLM.generate` (model_minimind.py), step for step:
 
-* each step: logits of the last token / temperature -> repetition penalty over every token id present in the
-  row so far (prompt, its pads included, + generated: `score > 0 ? score / p : score * p`) -> top-k (keep
-  logits >= the k-th largest) -> top-p (sort descending, cumsum of softmax > top_p is removed, shifted by one so
-  the most likely token always stays) -> sample from the softmax (or argmax when do_sample=False);
+* each step: the next token from the last position's logits by MiniMind's temperature, repetition penalty,
+  top-k, top-p and sampling (or argmax when do_sample=False): `minimind_jax.sampling`;
 * a row that produced `eos_token_id` gets `eos_token_id` from then on; the loop stops when every row has
   finished, so the result is `[B, T + steps]` exactly as MiniMind returns it;
 * positions are the column index in `input_ids`, pads included: MiniMind does NOT shift positions for left
@@ -30,130 +28,24 @@ buckets are compile-time.
 Adapters: `lora=` takes the model's "lora" collection, built by the `lora` package (`lora.collection`): one
 adapter for every row, or stacked adapters gathered per row (row b's own low-rank branch over one shared base),
 applied inside the same compiled loop. A single adapter can also be merged into the params (no per-token cost).
-
-Sampling speed: a full sort of the 6400-entry vocabulary costs milliseconds per row on CPU, more than the
-model step, so top-k / top-p work on the `lax.top_k` candidates (the nucleus is exact whenever it fits in the
-candidates, checked every step, with a full-sort fallback otherwise) and sampling is an inverse-CDF draw in
-sorted order with one uniform per row: the fast path and the fallback pick the same token for the same draw.
 """
 from __future__ import annotations
 
-import math
 from functools import partial
-from typing import Iterator, NamedTuple, Optional, Sequence, Union
+from typing import Iterator, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .buckets import bucket_length
 from .config import MiniMindConfig
 from .model import MiniMindForCausalLM, init_cache
+# re-exported: callers and tests take the sampling pieces from here
+from .sampling import Knobs, Static, apply_penalty, filter_logits, select_tokens
 
-MAX_CANDIDATES = 128  # top_k above this (or top_k=0 with top_p<1) first tries this many candidates
-NEG_INF = -jnp.inf
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# MiniMind's logit processing (exact definitions; also the reference the fast path is tested against)
-# ---------------------------------------------------------------------------------------------------------------
-def apply_penalty(logits, seen, temperature, repetition_penalty):
-    """logits [B, V] / temperature, then MiniMind's repetition penalty on the ids marked in `seen` [B, V]."""
-    x = logits.astype(jnp.float32) / temperature
-    p = jnp.asarray(repetition_penalty, jnp.float32)
-    return jnp.where(seen, jnp.where(x > 0, x / p, x * p), x)
-
-
-def _kth_largest(x, k: int):
-    """[B, V] -> [B, 1]. min over lax.top_k's values, not `[..., -1]`: XLA folds that slice into the sort that top_k
-    lowers to, which then no longer matches its fast TopK kernel and becomes a full sort (~2 ms/row on CPU)."""
-    return jnp.min(jax.lax.top_k(x, k)[0], axis=-1, keepdims=True)
-
-
-def filter_logits(x, top_k: int, top_p):
-    """MiniMind's top-k then top-p on [B, V] logits (already temperature-scaled and penalised): removed -> -inf.
-
-    The exact definition with a full (stable, descending) sort; `top_p >= 1` and `top_k <= 0` switch a filter off.
-    """
-    v = x.shape[-1]
-    if 0 < top_k:
-        x = jnp.where(x < _kth_largest(x, min(top_k, v)), NEG_INF, x)
-    order = jnp.argsort(-x, axis=-1, stable=True)
-    sorted_x = jnp.take_along_axis(x, order, axis=-1)
-    cum = jnp.cumsum(jax.nn.softmax(sorted_x, axis=-1), axis=-1)
-    remove_sorted = jnp.concatenate([jnp.zeros_like(cum[..., :1], bool), cum[..., :-1] > top_p], axis=-1)
-    remove_sorted &= jnp.asarray(top_p) < 1.0
-    remove = jnp.zeros_like(remove_sorted).at[jnp.arange(x.shape[0])[:, None], order].set(remove_sorted)
-    return jnp.where(remove, NEG_INF, x)
-
-
-def _inverse_cdf(logits_sorted, u):
-    """Index j with cum[j-1] < u * total <= cum[j] over the softmax of [B, C] logits; u [B] in [0, 1)."""
-    p = jnp.exp(logits_sorted - jnp.max(logits_sorted, axis=-1, keepdims=True))
-    cum = jnp.cumsum(p, axis=-1)
-    j = jnp.sum(cum < (u * cum[..., -1])[:, None], axis=-1)
-    # never land on a removed (p == 0) entry: clamp to the last kept one
-    last_kept = jnp.sum(p > 0, axis=-1) - 1
-    return jnp.minimum(j, last_kept)
-
-
-class Knobs(NamedTuple):  # runtime sampling values (traced: changing them does not recompile)
-    temperature: jax.Array
-    top_p: jax.Array
-    repetition_penalty: jax.Array
-    eos: jax.Array
-
-
-class Static(NamedTuple):  # compile-time choices
-    do_sample: bool
-    top_k: int  # 0 = off
-    use_top_p: bool
-    has_eos: bool
-
-
-def select_tokens(logits, seen, key, knobs: Knobs, static: Static):
-    """The next token per row [B] from last-position logits [B, V], MiniMind's rules (see module doc)."""
-    b, v = logits.shape
-    t = knobs.temperature if static.do_sample else jnp.where(knobs.temperature > 0, knobs.temperature, 1.0)
-    x = apply_penalty(logits, seen, t, knobs.repetition_penalty)
-    if not static.do_sample:  # top-k / top-p never remove the argmax
-        return jnp.argmax(x, axis=-1).astype(jnp.int32)
-    u = jax.random.uniform(key, (b,), jnp.float32)
-    top_k = min(static.top_k, v) if static.top_k > 0 else 0
-    if top_k == v:
-        top_k = 0  # keeps everything
-    if top_k == 0 and not static.use_top_p:  # plain softmax sampling over the vocabulary
-        return _inverse_cdf(x, u).astype(jnp.int32)
-
-    def full(_):  # the exact definition: full sort
-        y = filter_logits(x, top_k, knobs.top_p if static.use_top_p else 1.0)
-        order = jnp.argsort(-y, axis=-1, stable=True)
-        j = _inverse_cdf(jnp.take_along_axis(y, order, axis=-1), u)
-        return jnp.take_along_axis(order, j[:, None], axis=-1)[:, 0].astype(jnp.int32)
-
-    if top_k > MAX_CANDIDATES and not static.use_top_p:
-        return full(None)
-    # candidates: the c largest logits, descending (lax.top_k orders ties by index, as a stable sort does)
-    c = top_k if 0 < top_k <= MAX_CANDIDATES else min(MAX_CANDIDATES, v)
-    vals, idx = jax.lax.top_k(x, c)
-    if c == top_k:  # the top-k set is the candidates, unless the k-th value is tied outside them
-        exact = jnp.sum(x >= jnp.min(vals, axis=-1, keepdims=True), axis=-1) == c
-        lse = jax.nn.logsumexp(vals, axis=-1, keepdims=True)
-    else:  # the nucleus must end inside the candidates (checked below)
-        exact = None
-        y = x if top_k == 0 else jnp.where(x < _kth_largest(x, top_k), NEG_INF, x)
-        lse = jax.nn.logsumexp(y, axis=-1, keepdims=True)
-    keep = jnp.ones_like(vals, bool)
-    if static.use_top_p:
-        cum = jnp.cumsum(jnp.exp(vals - lse), axis=-1)  # = cumsum(softmax(sorted)) over the first c entries
-        keep = jnp.concatenate([keep[:, :1], cum[:, :-1] <= knobs.top_p], axis=-1)
-        if exact is None:  # every token past the candidates is removed iff cum[c-1] > top_p
-            exact = (cum[:, -1] > knobs.top_p) | (c == v)
-
-    def fast(_):
-        j = _inverse_cdf(jnp.where(keep, vals, NEG_INF), u)
-        return jnp.take_along_axis(idx, j[:, None], axis=-1)[:, 0].astype(jnp.int32)
-
-    return jax.lax.cond(jnp.all(exact), fast, full, None)
+__all__ = ["generate", "generate_stream", "bucket_length", "Knobs", "Static", "apply_penalty", "filter_logits",
+           "select_tokens"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -170,14 +62,6 @@ def _check_lora(lora, batch: int) -> None:
         if leaf.ndim == 3 and leaf.shape[0] != batch:
             raise ValueError(f"the lora collection holds {leaf.shape[0]} rows' adapters but the batch has {batch} "
                              "rows (build it with lora.collection(adapters, adapter_ids, batch=B))")
-
-
-def bucket_length(n: int, minimum: int = 16) -> int:
-    """Smallest of minimum, 2^k and 3*2^(k-1) >= n (at most 1.5x; a handful of shapes over all lengths)."""
-    if n <= minimum:
-        return minimum
-    p = 1 << (n - 1).bit_length()
-    return 3 * p // 4 if 3 * p // 4 >= n else p
 
 
 def _variables(params, lora_vars):
@@ -244,7 +128,7 @@ def _grow(state, extra_ids):
     def pad(x, e=None, axis=1):  # zeros (or e) appended along the slot axis
         shape = x.shape[:axis] + (extra_ids.shape[1],) + x.shape[axis + 1:]
         return jnp.concatenate([x, jnp.zeros(shape, x.dtype) if e is None else e.astype(x.dtype)], axis=axis)
-    layers = [{"k": pad(l["k"], axis=2), "v": pad(l["v"], axis=1)} for l in state["cache"]["layers"]]
+    layers = [{"k": pad(layer["k"], axis=2), "v": pad(layer["v"], axis=1)} for layer in state["cache"]["layers"]]
     return {**state, "ids": pad(state["ids"], extra_ids), "mask": pad(state["mask"], jnp.ones_like(extra_ids)),
             "cache": {**state["cache"], "layers": layers}}
 

@@ -50,13 +50,23 @@ def cache_as_minimind(cache: dict, batch: int) -> list:
     return out
 
 
-def cross_entropy(logits, labels, ignore_index: int = -100):
+IGNORE_INDEX = -100  # the label of a position without loss (MiniMind's, as torch's cross_entropy default)
+
+
+def nll_sum(logits, targets, valid):
+    """sum over the `valid` positions of -log softmax(logits)[target], in fp32 (the one cross-entropy: the model's
+    loss and the train step's labelled-positions loss both reduce to it). logits [..., V], targets/valid [...]."""
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(valid, lse - picked, 0.0))
+
+
+def cross_entropy(logits, labels, ignore_index: int = IGNORE_INDEX):
     """MiniMind's loss: logits[:, :-1] against labels[:, 1:], mean over non-ignored tokens."""
-    logits, labels = logits[:, :-1].astype(jnp.float32), labels[:, 1:]
+    labels = labels[:, 1:]
     valid = labels != ignore_index
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+    return nll_sum(logits[:, :-1], labels, valid) / jnp.maximum(jnp.sum(valid), 1)
 
 
 class Block(nn.Module):
@@ -149,3 +159,13 @@ class MiniMindForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             return self.model.attend(hidden)
         return self.lm_head(hidden.astype(jnp.float32))
+
+
+def init_params(config: MiniMindConfig, seed: int = 0) -> dict:
+    """A randomly initialised base: normal(0.02) weights and embeddings, unit norms; fp32 params.
+
+    The one recipe for a random base (the trainer's default without --from_weight, the chat CLI without --weight):
+    jitted init on a [1, 8] int32 dummy with `jax.random.PRNGKey(seed)`, so the same seed gives the same params
+    everywhere."""
+    return jax.jit(lambda k: MiniMindForCausalLM(config).init(k, jnp.zeros((1, 8), jnp.int32))["params"])(
+        jax.random.PRNGKey(seed))

@@ -60,7 +60,8 @@ def _token_str(value) -> Optional[str]:
 class ChatTokenizer:
     """Thin wrapper over `tokenizers.Tokenizer` with HF-style special tokens and chat template."""
 
-    def __init__(self, tokenizer: Tokenizer, config: dict, path: Optional[Path] = None, chat_template: Optional[str] = None):
+    def __init__(self, tokenizer: Tokenizer, config: dict, path: Optional[Path] = None,
+                 chat_template: Optional[str] = None):
         self.tokenizer = tokenizer
         self.config = config
         self.path = path
@@ -130,7 +131,8 @@ class ChatTokenizer:
 
 
 def load_tokenizer(path_dir: Optional[str | Path] = None) -> ChatTokenizer:
-    """Load `tokenizer.json` + `tokenizer_config.json` from a directory (default: the bundled minimind_jax/assets/tokenizer)."""
+    """Load `tokenizer.json` + `tokenizer_config.json` from a directory
+    (default: the bundled minimind_jax/assets/tokenizer)."""
     path = Path(path_dir) if path_dir is not None else DEFAULT_TOKENIZER_DIR
     tok_file = path / "tokenizer.json"
     if not tok_file.is_file():

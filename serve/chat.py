@@ -23,15 +23,14 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 import convert
 import lora
-from minimind_jax.config import MiniMindConfig
+from convert.util import parse_weights
+from minimind_jax.config import MiniMindConfig, compute_dtype
 from minimind_jax.generate import generate_stream
-from minimind_jax.model import MiniMindForCausalLM
+from minimind_jax.model import init_params
 from minimind_jax.tokenizer import load_tokenizer
 
 PROMPTS = [  # eval_llm.py's auto-test prompts
@@ -85,22 +84,17 @@ def load(args):
                                 inference_rope_scaling=args.inference_rope_scaling)
         print(f"[chat] no --weight: RANDOM-INIT {config.family} {config.hidden_size}x{config.num_hidden_layers} "
               "(output is gibberish; for smoke tests only)", file=sys.stderr)
-        params = jax.jit(lambda k: MiniMindForCausalLM(config).init(k, jnp.zeros((1, 4), jnp.int32))["params"])(
-            jax.random.key(0))
+        params = init_params(config, seed=0)
     else:
         config, params = convert.load_model(args.weight, args.config)
         if args.inference_rope_scaling:
             config = config.replace(inference_rope_scaling=True, rope_scaling=None)
         print(f"[chat] {args.weight}: {config.family} {config.hidden_size}x{config.num_hidden_layers}", file=sys.stderr)
     if args.lora:
-        weights = [1.0] * len(args.lora)
-        if args.lora_weights:
-            try:
-                weights = [float(w) for w in args.lora_weights.split(",")]
-            except ValueError as e:
-                raise SystemExit(f"--lora_weights: expected comma-separated numbers, got {args.lora_weights!r}")
-            if len(weights) != len(args.lora):
-                raise SystemExit(f"--lora_weights has {len(weights)} values for {len(args.lora)} --lora adapters")
+        try:
+            weights = parse_weights(args.lora_weights, len(args.lora), "--lora_weights", "--lora")
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
         for path, w in zip(args.lora, weights):
             adapter = convert.load_adapter(path, params=params, config=config)
             params = lora.merge(params, adapter, w)
@@ -140,7 +134,7 @@ def main(argv=None):
     greedy = args.greedy or args.temperature == 0
     raw = args.raw or (args.weight is not None and "pretrain" in Path(args.weight).name)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config.eos_token_id
-    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    dtype = compute_dtype(args.dtype)
 
     if args.mode == 0:
         prompts = iter(args.prompt or PROMPTS)

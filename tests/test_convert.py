@@ -438,7 +438,8 @@ def test_cli_models_and_merge(tmp_path, capsys):
     assert cfg2 == config
     chex.assert_trees_all_close(got, want, atol=0, rtol=0)
     sd = torch.load(out, weights_only=True)
-    assert sd["lm_head.weight"].untyped_storage().data_ptr() == sd["model.embed_tokens.weight"].untyped_storage().data_ptr()
+    assert (sd["lm_head.weight"].untyped_storage().data_ptr()
+            == sd["model.embed_tokens.weight"].untyped_storage().data_ptr())
     assert to_torch.main([str(params_ckpt), "-o", str(tmp_path / "m.safetensors"), "--dtype", "float16"]) == 0
     _, half = load_model(tmp_path / "m.safetensors", dtype=None)
     leaves_equal(half, jax.tree.map(lambda x: np.asarray(x).astype(np.float16), params))

@@ -6,7 +6,6 @@ are shared through module-level caches.
 from __future__ import annotations
 
 import functools
-import re
 
 import chex
 import jax
@@ -185,21 +184,24 @@ def test_merge_unmerge_and_merge_of_sum_is_sequential_merge():
     ab = a.weights["model"]["layers_1"]["self_attn"]["q_proj"]
     np.testing.assert_allclose(merged["model"]["layers_1"]["self_attn"]["q_proj"]["kernel"],
                                np.asarray(w) + (8.0 / 3) * np.asarray(ab["A"]) @ np.asarray(ab["B"]), atol=1e-6)
-    assert merged["model"]["layers_1"]["self_attn"]["k_proj"]["kernel"] is params["model"]["layers_1"]["self_attn"]["k_proj"]["kernel"]
+    assert (merged["model"]["layers_1"]["self_attn"]["k_proj"]["kernel"]
+            is params["model"]["layers_1"]["self_attn"]["k_proj"]["kernel"])
     # bf16 params: fp32 arithmetic, cast back to the kernel dtype
     p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
     m16 = lora.merge(p16, a)
     assert m16["model"]["layers_1"]["self_attn"]["q_proj"]["kernel"].dtype == jnp.bfloat16
     np.testing.assert_array_equal(
         np.asarray(m16["model"]["layers_1"]["self_attn"]["q_proj"]["kernel"]),
-        np.asarray((w.astype(jnp.bfloat16).astype(jnp.float32) + lora.delta(a)[("model", "layers_1", "self_attn", "q_proj")]).astype(jnp.bfloat16)))
+        np.asarray((w.astype(jnp.bfloat16).astype(jnp.float32)
+                    + lora.delta(a)[("model", "layers_1", "self_attn", "q_proj")]).astype(jnp.bfloat16)))
 
 
 def test_merge_rejects_mismatched_adapter():
     _, p2 = setup("v2")
     _, pm = setup("moe")
     a = lora.init(pm, jax.random.key(0), rank=2, targets="v_proj")
-    bad = lora.Adapter({"model": {"layers_0": {"self_attn": {"v_proj": {"A": jnp.zeros((48, 2)), "B": jnp.zeros((2, 17))}}}}})
+    bad = lora.Adapter({"model": {"layers_0": {"self_attn": {"v_proj": {"A": jnp.zeros((48, 2)),
+                                                                        "B": jnp.zeros((2, 17))}}}}})
     with pytest.raises(ValueError, match="v_proj.*does not fit kernel"):
         lora.merge(p2, bad)
     with pytest.raises(KeyError, match="experts"):
