@@ -7,7 +7,9 @@
 
 --weight: MiniMind .pth, .safetensors or an orbax params checkpoint dir (config.json beside it, or --config,
 or inferred from the shapes). Without --weight a randomly initialised model (--family/--hidden_size/
---num_hidden_layers, default MiniMind2-small) is used: gibberish, for smoke tests only.
+--num_hidden_layers, default MiniMind2-small) is used: gibberish, for smoke tests only; but when the first --lora
+was trained by train.lora over a random base (its bundled demo), that base is rebuilt from the seed and config the
+adapter records, so `python -m serve.chat --lora out/lora_identity_512.ckpt` answers as the demo did.
 --lora: adapter .ckpt / MiniMind .pth / PEFT dir (repeatable); all are merged into the weights once at load,
 each scaled by its --lora_weights entry (default 1 each), so decoding costs the same as the base model.
 Tokens are printed as they are generated. --mode 0 runs the built-in prompts (or --prompt ...) and needs no
@@ -76,9 +78,26 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def _random_base(path):
+    """(config, seed) of the random-init base an adapter was trained on (train.lora records both), else None."""
+    try:
+        meta = convert.read_adapter_metadata(path)
+    except Exception:  # not an adapter this can read: load() reports it when it loads the adapter
+        return None
+    if meta.get("base_random_seed") is None or not meta.get("base_config"):
+        return None
+    return MiniMindConfig.from_dict(meta["base_config"]), int(meta["base_random_seed"])
+
+
 def load(args):
     """-> (config, params) with every --lora merged in."""
-    if args.weight is None:
+    rebuilt = _random_base(args.lora[0]) if args.weight is None and args.lora else None
+    if rebuilt is not None:  # an adapter train.lora trained over a random base: rebuild that base
+        config, seed = rebuilt
+        params = init_params(config, seed)
+        print(f"[chat] no --weight: the random-init base {args.lora[0]} was trained on ({config.family} "
+              f"{config.hidden_size}x{config.num_hidden_layers}, seed {seed})", file=sys.stderr)
+    elif args.weight is None:
         config = MiniMindConfig(family=args.family, hidden_size=args.hidden_size,
                                 num_hidden_layers=args.num_hidden_layers, use_moe=bool(args.use_moe),
                                 inference_rope_scaling=args.inference_rope_scaling)
@@ -105,8 +124,8 @@ def load(args):
 class StreamPrinter:
     """Prints decoded text as tokens arrive, holding back incomplete UTF-8 (a byte-level BPE splits characters)."""
 
-    def __init__(self, tokenizer, out=sys.stdout):
-        self.tok, self.out, self.ids, self.printed = tokenizer, out, [], 0
+    def __init__(self, tokenizer, out=None):  # None: sys.stdout as it is now (not as it was at import)
+        self.tok, self.out, self.ids, self.printed = tokenizer, out or sys.stdout, [], 0
 
     def put(self, ids):
         self.ids.extend(int(i) for i in ids)

@@ -407,6 +407,22 @@ def test_cli_end_to_end(tiny_data, tmp_path):
     assert any(b_trained)
     assert len(out["answers_before"]) == 2 and len(out["answers_after"]) == 2
     assert out["updates"] == 4  # 4 micro-steps per epoch, accumulation 2
+    assert meta["base_random_seed"] == 42 and meta["base_weight"] is None
+
+
+def test_chat_answers_with_the_trained_adapter_over_its_random_base(tiny_data, tmp_path, capsys):
+    """The adapter records the seed of the random base it was trained on: serve.chat with only --lora rebuilds that
+    base and gives the trainer's own greedy answer (the demo's adapter is usable as the trainer prints)."""
+    from serve import chat
+
+    out = _cli(tiny_data, tmp_path, "--max_new_tokens", "6", "--prompts", "你是谁？")
+    capsys.readouterr()
+    chat.main(["--lora", out["adapter_path"], "--prompt", "你是谁？", "--greedy", "--max_new_tokens", "6",
+               "--show_speed", "0"])
+    got = capsys.readouterr()
+    assert "the random-init base" in got.err and "seed 42" in got.err
+    answer = got.out.split("🧠: ", 1)[1].strip()
+    assert answer == out["answers_after"][0]
 
 
 S_FIELDS = ("step", "epoch", "loss", "aux_loss", "lr", "grad_norm", "tokens_per_s")

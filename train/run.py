@@ -25,7 +25,7 @@ from minimind_jax import MiniMindForCausalLM
 from minimind_jax.config import compute_dtype
 from train import job as job_lib, sharding, step as step_lib
 from train.batch import IGNORE
-from train.config import RunConfig
+from train.config import PROMPTS, RunConfig
 from train.metrics import MetricsWriter, plot_loss
 from train.prefetch import Prefetcher
 from train.prompts import answer
@@ -61,8 +61,11 @@ class Job:
     run_meta: dict  # settings saved with the resume state (RESUME_KEYS must match to resume)
 
     def adapter_meta(self, epoch: int, step: int) -> dict:
+        # base_random_seed: a random-init base is never saved, so its seed is what rebuilds it (serve.chat does)
         return {"lora_name": self.cfg.lora_name, "base_config": self.config.to_dict(),
                 "base_fingerprint": self.run_meta["base_fingerprint"], "epoch": epoch, "step": step,
+                "base_weight": None if self.cfg.random_base else self.cfg.from_weight,
+                "base_random_seed": self.cfg.seed if self.cfg.random_base else None,
                 "trained_with": "minimind-jax train.lora"}
 
 
@@ -268,6 +271,17 @@ def _save(job: Job, state, epoch: int, s: int, g: int) -> str:
     return f"{job.adapter_file} (epoch {epoch + 1}, step {s}; resume state {job.resume.directory}/{g})"
 
 
+def chat_command(cfg: RunConfig, adapter_file: Path) -> str:
+    """The serve.chat command that answers with this adapter over the same base (a random base is rebuilt from the
+    seed recorded in the adapter)."""
+    cmd = ["python -m serve.chat", f"--lora {adapter_file}"]
+    if not cfg.random_base:
+        cmd.append(f"--weight {cfg.from_weight}")
+    if cfg.tokenizer:
+        cmd.append(f"--tokenizer {cfg.tokenizer}")
+    return " ".join(cmd + [f"--prompt {cfg.prompt_list[0] if cfg.prompt_list else PROMPTS[0]!r}", "--greedy"])
+
+
 def finish(job: Job, state, history: list, metrics_path: Path, steps: int, answers_before: list,
            t_start: float) -> dict:
     """After the loop: loss curve, answers after, the summary."""
@@ -282,5 +296,6 @@ def finish(job: Job, state, history: list, metrics_path: Path, steps: int, answe
         log(skipped or f"loss curve: {png}")
     summary["answers_after"] = _answers(job, state, "[after] ") if cfg.prompt_list else []
     log(f"saved adapter {job.adapter_file}; metrics {metrics_path}; total time {time.time() - t_start:.0f}s")
+    log(f"chat with it: {chat_command(cfg, job.adapter_file)}")
     summary.update(adapter=state.adapter, updates=int(jax.device_get(state.updates)))
     return summary
