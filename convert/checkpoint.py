@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import orbax.checkpoint as ocp
 
 from minimind_jax.config import read_json_object
 
@@ -29,8 +30,13 @@ ADAPTER_FORMAT = "minimind-jax.adapter"
 
 
 def _checkpointer():
-    import orbax.checkpoint as ocp
-    return ocp.StandardCheckpointer()
+    """A checkpointer for host-local trees, written or read by this process alone: with several JAX processes
+    (train.lora multi-host) only process 0 writes the adapter, so orbax's cross-process barriers must not wait for
+    the others (they would meet process 0 at a different barrier and crash)."""
+    me = jax.process_index()
+    local = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                               barrier_sync_key_prefix=f"process{me}")
+    return ocp.StandardCheckpointer(multiprocessing_options=local)
 
 
 def save_tree(directory: PathLike, tree) -> None:
