@@ -47,20 +47,22 @@ def _finish(cmd: list) -> str:
     return r.stdout
 
 
-def _kill_after(cmd: list, lines: int, delay: float) -> None:
-    """Start the run, wait for its `lines`-th step log line, sleep `delay`, SIGKILL it."""
-    p = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    seen = 0
+def _kill_after(cmd: list, lines: int, delay: float, sig=signal.SIGKILL) -> tuple[int, str]:
+    """Start the run, wait for its `lines`-th step log line, sleep `delay`, send `sig`; -> (exit status, output)."""
+    p = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen, out = 0, []
     try:
         for line in p.stdout:
+            out.append(line)
             seen += line.startswith("Epoch:[")
             if seen >= lines:
                 time.sleep(delay)
                 break
     finally:
-        p.send_signal(signal.SIGKILL)
-        p.wait(timeout=60)
-    assert seen >= lines and p.returncode == -signal.SIGKILL
+        p.send_signal(sig)
+        out.append(p.communicate(timeout=120)[0])
+    assert seen >= lines
+    return p.returncode, "".join(out)
 
 
 def _weights(save_dir: Path) -> list:
@@ -83,7 +85,7 @@ def reference(tiny):
 @pytest.mark.parametrize("lines,delay", [(1, 0.0), (3, 0.02), (6, 0.2)])
 def test_sigkill_then_resume_gives_the_uninterrupted_adapter(tiny, reference, tmp_path, lines, delay):
     ref_weights, ref_steps = reference
-    _kill_after(_cmd(tiny, tmp_path), lines, delay)
+    assert _kill_after(_cmd(tiny, tmp_path), lines, delay)[0] == -signal.SIGKILL
     out = _finish(_cmd(tiny, tmp_path, "--from_resume", "1"))
     if lines > 1:  # step `lines - 1` was saved before step `lines` was logged
         resumed = out.split("resumed from ", 1)[1].split("\n", 1)[0]
@@ -93,3 +95,19 @@ def test_sigkill_then_resume_gives_the_uninterrupted_adapter(tiny, reference, tm
     for got, want in zip(_weights(tmp_path), ref_weights):
         np.testing.assert_array_equal(got, want)
     assert _steps(tmp_path) == ref_steps  # every step once, none skipped or repeated
+
+
+def test_sigterm_saves_the_last_step_and_exits(tiny, reference, tmp_path):
+    """SIGTERM (a scheduler's stop, like Ctrl-C) ends the running step, saves it although no save was due
+    (--save_interval 100), exits with 128 + 15 and one line; --from_resume 1 then finishes the uninterrupted run."""
+    ref_weights, ref_steps = reference
+    status, out = _kill_after(_cmd(tiny, tmp_path, "--save_interval", "100"), 2, 0.0, signal.SIGTERM)
+    assert status == 128 + signal.SIGTERM, out[-3000:]
+    line = [x for x in out.splitlines() if x.startswith("interrupted: SIGTERM: stopped after step ")]
+    assert len(line) == 1 and "--from_resume 1 continues" in line[0] and "Traceback" not in out, out[-3000:]
+    resumed = _finish(_cmd(tiny, tmp_path, "--from_resume", "1", "--save_interval", "100"))
+    step = int(resumed.split("resumed from ", 1)[1].split(":", 1)[0].rsplit("/", 1)[1])
+    assert 2 <= step < 4  # the interrupted step, not an epoch-end save (step 4 is the first one due)
+    for got, want in zip(_weights(tmp_path), ref_weights):
+        np.testing.assert_array_equal(got, want)
+    assert _steps(tmp_path) == ref_steps

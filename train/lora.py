@@ -23,12 +23,15 @@ divisor of the batch), which makes steps faster; `--cpu_devices 1` keeps one dev
 from __future__ import annotations
 
 import logging
+import signal
+import sys
 from typing import Optional
 
 import convert
 from train import config as config_lib
 from train.config import RunConfig
 from train.data import DataError
+from train.interrupt import Interrupted
 from train.run import TrainingDiverged, run
 
 
@@ -45,6 +48,12 @@ def main(argv: Optional[list] = None) -> dict:
     # What a user can fix (a bad data line or file, unreadable weights, a run that diverged): one line, no traceback.
     except (DataError, convert.CheckpointError, FileNotFoundError, TrainingDiverged) as e:
         raise SystemExit(f"error: {e}") from None
+    except Interrupted as e:  # SIGTERM / Ctrl-C in the loop: the last step is saved
+        print(f"interrupted: {e}", file=sys.stderr)
+        raise SystemExit(128 + e.signum) from None
+    except KeyboardInterrupt:  # Ctrl-C before the loop (loading, compiling): nothing to save yet
+        print("interrupted before training started: nothing saved", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
 
 
 if __name__ == "__main__":

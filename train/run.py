@@ -10,6 +10,7 @@ simulate a crash); `state` is the train.step.TrainState, donated to the next ste
 """
 from __future__ import annotations
 
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from train import job as job_lib, sharding, step as step_lib
 from train.batch import IGNORE
 from train.config import PROMPTS, RunConfig
 from train.metrics import MetricsWriter, plot_loss
+from train.interrupt import Interrupted, StopRequests
 from train.prefetch import Prefetcher
 from train.prompts import answer
 from train.resume import ResumeManager, adapter_path, resume_dir
@@ -185,17 +187,21 @@ def train_loop(job: Job, state, positions, metrics: MetricsWriter, on_step):
     """Run the micro-steps at `positions` [(epoch, step)], 0-based; -> (final state, the log steps' records)."""
     cfg, batches = job.cfg, job.batches
     bar = tqdm(total=len(positions), disable=jax.process_index() != 0, dynamic_ncols=True, desc="lora")
+    stop = StopRequests().install()
     prefetch = Prefetcher(batches.loader, positions, batches.prepare)
-    history, last_saved = [], None
+    history, last_saved, done, saved = [], None, None, None
     window = {"tokens": 0, "t0": time.time()}  # throughput since the last log step
     try:
         for epoch, s0, (arrays, n_chunks, cap, stats) in prefetch:
             s = s0 + 1  # MiniMind counts steps from 1 within the epoch
             g = int(batches.offsets[epoch]) + s
             lr = step_lib.get_lr(g, batches.total, cfg.learning_rate)
-            batch, n_chunks, cap = _device_batch(job.mesh, arrays, n_chunks, cap)
+            batch, n_chunks, cap, signum = _device_batch(job.mesh, arrays, n_chunks, cap, stop.signal or 0)
+            if signum:
+                _stop(job, state, signum, done, saved, last_saved)
             state, m = job.train_step(state, job.params, batch, np.int32(n_chunks), lr, cap=cap,
                                       update=_is_update(job, epoch, s))
+            done = (epoch, s, g)
             window["tokens"] += stats["tokens"] * jax.process_count()
             bar.update(1)
             end = s == batches.iters[epoch]
@@ -206,24 +212,36 @@ def train_loop(job: Job, state, positions, metrics: MetricsWriter, on_step):
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
             if s % cfg.save_interval == 0 or end:
                 _check_finite(job, state.bad_step, last_saved)
-                last_saved = _save(job, state, epoch, s, g)
+                last_saved, saved = _save(job, state, epoch, s, g), done
             if on_step is not None:
                 on_step(g, state)
         _check_finite(job, state.bad_step, last_saved)
     finally:
+        stop.uninstall()
         prefetch.close()
         bar.close()
     return state, history
 
 
-def _device_batch(mesh: Mesh, arrays: dict, n_chunks: int, cap):
-    """This host's chunks -> global arrays on the mesh (and the step's n_chunks and cap)."""
-    if jax.process_count() > 1:  # every host must pick the same static shapes and loop length
-        t_need, c_need, n_chunks = (int(x) for x in sharding.agree_max([arrays["labels"].shape[-1],
-                                                                         cap[1] if cap else 0, n_chunks]))
+def _device_batch(mesh: Mesh, arrays: dict, n_chunks: int, cap, signum: int):
+    """This host's chunks -> global arrays on the mesh (and the step's n_chunks and cap), and the stop signal
+    any process received (0 = none)."""
+    if jax.process_count() > 1:  # every host must pick the same static shapes and loop length, and stop together
+        t_need, c_need, n_chunks, signum = (int(x) for x in sharding.agree_max(
+            [arrays["labels"].shape[-1], cap[1] if cap else 0, n_chunks, signum]))
         arrays = {k: _pad_to(v, t_need, k) for k, v in arrays.items()}
         cap = (mesh.devices.size, c_need) if cap is not None else None  # groups: every device
-    return sharding.put_batch(arrays, mesh), n_chunks, cap
+    return sharding.put_batch(arrays, mesh), n_chunks, cap, signum
+
+
+def _stop(job: Job, state, signum: int, done, saved, last_saved) -> None:
+    """SIGTERM / Ctrl-C: save the last finished step (unless just saved) and raise Interrupted."""
+    if done is not None and done != saved:
+        _check_finite(job, state.bad_step, last_saved)
+        last_saved = _save(job, state, *done)
+    name = signal.Signals(signum).name
+    raise Interrupted(f"{name}: stopped after {'no step' if done is None else job.batches.where(done[2])}; "
+                      + (f"saved {last_saved}; --from_resume 1 continues" if last_saved else "nothing saved"), signum)
 
 
 def _pad_to(x: np.ndarray, t: int, key: str) -> np.ndarray:
