@@ -31,18 +31,39 @@ CASES = {  # name -> (extra arguments given tmp_path, text the error line must n
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_error_line(tmp_path, case):
-    args, names = CASES[case]
-    save_dir = tmp_path / "out"
-    cmd = [sys.executable, "-m", "train.lora", *args(tmp_path), "--hidden_size", "32", "--num_hidden_layers", "1",
+def _train(tmp_path, save_dir, *args):
+    cmd = [sys.executable, "-m", "train.lora", *args, "--hidden_size", "32", "--num_hidden_layers", "1",
            "--epochs", "1", "--max_new_tokens", "0", "--save_dir", str(save_dir),
            "--cache_dir", str(tmp_path / "cache")]
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", MINIMIND_JAX_CACHE=str(tmp_path / "cache"))
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    out = proc.stdout + proc.stderr
+    return proc, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_error_line(tmp_path, case):
+    args, names = CASES[case]
+    save_dir = tmp_path / "out"
+    proc, out = _train(tmp_path, save_dir, *args(tmp_path))
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert proc.returncode != 0, out
     assert "Traceback" not in out, out
     assert len(errors) == 1 and names in errors[0], out
     assert not save_dir.exists() or not any(save_dir.iterdir()), f"wrote {list(save_dir.rglob('*'))}"
+
+
+def test_resume_state_of_another_run_is_refused(tmp_path):
+    """--from_resume 1 over the state of another run (other data, other rank) names the setting, writes nothing."""
+    data = _write(tmp_path / "a.jsonl", GOOD + "\n" + GOOD.replace("ok", "fine") + "\n")
+    other = _write(tmp_path / "b.jsonl", GOOD.replace("hi", "hello") + "\n" + GOOD.replace("ok", "sure") + "\n")
+    save_dir = tmp_path / "out"
+    proc, out = _train(tmp_path, save_dir, "--data_path", str(data), "--batch_size", "1")
+    assert proc.returncode == 0, out
+    before = sorted((p, p.stat().st_mtime_ns) for p in save_dir.rglob("*"))
+    for args, names in ((["--data_path", str(other)], "data_fingerprint="), (["--data_path", str(data), "--rank", "4"],
+                                                                              "rank=8")):
+        proc, out = _train(tmp_path, save_dir, *args, "--batch_size", "1", "--from_resume", "1")
+        errors = [line for line in out.splitlines() if line.startswith("error:")]
+        assert proc.returncode != 0 and "Traceback" not in out, out
+        assert len(errors) == 1 and "cannot resume from" in errors[0] and names in errors[0], out
+    assert sorted((p, p.stat().st_mtime_ns) for p in save_dir.rglob("*")) == before  # nothing touched

@@ -3,6 +3,7 @@ adapter. Builders return plain values and a note for the log; train.run puts the
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -47,6 +48,13 @@ def make_adapter(cfg: RunConfig, params):
         return adapter, f"adapter from --from_lora {cfg.from_lora} (ranks {ranks}, targets {adapter.targets})"
     adapter = lora.init(params, jax.random.PRNGKey(cfg.seed + 1), rank=cfg.rank, targets=cfg.targets, alpha=cfg.alpha)
     return adapter, f"new adapter: rank {cfg.rank}, targets {adapter.targets}, alpha {cfg.alpha}"
+
+
+def data_fingerprint(ds) -> str:
+    """The tokenized samples' identity (another file, or the same one edited, gives another): a resume must match."""
+    h = hashlib.sha256(np.ascontiguousarray(ds.tokens).tobytes())
+    h.update(np.ascontiguousarray(ds.keep_len).tobytes())
+    return h.hexdigest()[:16]
 
 
 def load_data(cfg: RunConfig, config):

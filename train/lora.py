@@ -32,6 +32,7 @@ from train import config as config_lib
 from train.config import RunConfig
 from train.data import DataError
 from train.interrupt import Interrupted
+from train.resume import ResumeError
 from train.run import TrainingDiverged, run
 
 
@@ -46,7 +47,7 @@ def main(argv: Optional[list] = None) -> dict:
     try:
         return run(cfg)
     # What a user can fix (a bad data line or file, unreadable weights, a run that diverged): one line, no traceback.
-    except (DataError, convert.CheckpointError, FileNotFoundError, TrainingDiverged) as e:
+    except (DataError, ResumeError, convert.CheckpointError, FileNotFoundError, TrainingDiverged) as e:
         raise SystemExit(f"error: {e}") from None
     except Interrupted as e:  # SIGTERM / Ctrl-C in the loop: the last step is saved
         print(f"interrupted: {e}", file=sys.stderr)

@@ -30,6 +30,11 @@ def resume_dir(save_dir, lora_name: str, config) -> Path:
     return Path(save_dir) / "checkpoints" / f"{run_stem(lora_name, config)}_resume"
 
 
+class ResumeError(ValueError):
+    """A resume state that does not belong to this run (other data, rank, targets, base, batch settings) or cannot
+    be read: one line naming the directory, so the CLI prints it instead of a traceback."""
+
+
 class ResumeManager:
     """Full train state for exact resume. `save(step, state_tree, meta)` / `restore(target_tree)`."""
 
@@ -54,6 +59,14 @@ class ResumeManager:
             self.manager.delete(s)
         return steps
 
+    def read_meta(self, step: int) -> dict:
+        """The JSON metadata saved with `step` (cheap: no arrays are read)."""
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:
+            raise ResumeError(f"cannot resume from {self.directory / str(step)}: unreadable metadata "
+                              f"({type(e).__name__}: {e})") from e
+
     def restore(self, target_tree, step: Optional[int] = None) -> Optional[tuple[Any, dict, int]]:
         """-> (state tree shaped/sharded like `target_tree`, meta, step), or None when nothing is saved."""
         step = self.latest_step() if step is None else step
@@ -64,8 +77,9 @@ class ResumeManager:
             out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                      meta=ocp.args.JsonRestore()))
         except Exception as e:  # shape/structure mismatch: name the directory and the likely cause
-            raise ValueError(f"cannot resume from {self.directory / str(step)}: {type(e).__name__}: {e} "
-                             "(was it written with another --rank/--targets/model size?)") from e
+            raise ResumeError(f"cannot resume from {self.directory / str(step)}: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''} (was it written with another "
+                              "--rank/--targets/model size?)") from e
         return out["state"], out["meta"], step
 
     def close(self) -> None:

@@ -31,11 +31,11 @@ from train.metrics import MetricsWriter, plot_loss
 from train.interrupt import Interrupted, StopRequests
 from train.prefetch import Prefetcher
 from train.prompts import answer
-from train.resume import ResumeManager, adapter_path, resume_dir
+from train.resume import ResumeError, ResumeManager, adapter_path, resume_dir
 
 # Settings a resumed run must share with the run that wrote the state (else its batches or base would differ).
 RESUME_KEYS = ("batch_size", "pack", "batch_tokens", "group_by_length", "seed", "max_seq_len", "num_samples",
-               "base_fingerprint", "accumulation_steps")
+               "base_fingerprint", "accumulation_steps", "rank", "targets", "alpha", "data_fingerprint")
 
 
 class TrainingDiverged(RuntimeError):
@@ -124,7 +124,8 @@ def setup(cfg: RunConfig):
                 "group_by_length": int(cfg.group_by_length), "seed": cfg.seed, "max_seq_len": cfg.max_seq_len,
                 "accumulation_steps": cfg.accumulation_steps, "epochs": cfg.epochs,
                 "learning_rate": cfg.learning_rate, "rank": cfg.rank, "targets": adapter.targets,
-                "alpha": adapter.alpha, "num_samples": len(ds), "base_fingerprint": convert.fingerprint(params)}
+                "alpha": adapter.alpha, "num_samples": len(ds), "base_fingerprint": convert.fingerprint(params),
+                "data_fingerprint": job_lib.data_fingerprint(ds)}
     tx = step_lib.make_optimizer()
     state = sharding.replicate(step_lib.init_state(adapter, tx, seed=cfg.seed), mesh)
     model = MiniMindForCausalLM(config, dtype=compute_dtype(dtype))
@@ -147,15 +148,17 @@ def restore(job: Job, state):
             log(f"fresh run: replacing the earlier run's resume state in {resume.directory} (steps "
                 f"{resume.clear()}); --from_resume 1 continues a run instead")
         return state, (0, 0), None
-    got = resume.restore(state.to_tree())
-    if got is None:
+    step = resume.latest_step()
+    if step is None:
         log(f"--from_resume 1: no checkpoint in {resume.directory}; starting from scratch")
         return state, (0, 0), None
-    tree, meta, resumed_at = got
-    for k in RESUME_KEYS:
-        if meta["run"].get(k) != job.run_meta[k]:
-            raise SystemExit(f"cannot resume from {resume.directory}/{resumed_at}: it was written with "
-                             f"{k}={meta['run'].get(k)!r}, this run has {job.run_meta[k]!r}")
+    saved = resume.read_meta(step)["run"]
+    for k in RESUME_KEYS:  # before reading the arrays: a state of another run is refused by name
+        if saved.get(k) != job.run_meta[k]:
+            raise ResumeError(f"cannot resume from {resume.directory}/{step}: it was written with {k}="
+                              f"{saved.get(k)!r}, this run has {job.run_meta[k]!r} (a fresh run without "
+                              "--from_resume replaces it)")
+    tree, meta, resumed_at = resume.restore(state.to_tree(), step)
     rep = sharding.replicated(job.mesh)
     state = state.from_tree(jax.tree.map(lambda x: jax.device_put(x, rep), tree))
     epoch0, step0 = int(meta["epoch"]), int(meta["step"])
