@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -62,3 +63,36 @@ def test_two_processes_train_like_one_with_two_devices(tmp_path):
     # process 0 alone writes the adapter, metrics and plot: the same files as the single process, no strays
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
     assert "saved adapter" in outs[0] and "saved adapter" not in outs[1]
+
+
+def test_a_dead_process_stops_the_others_with_one_line(tmp_path):
+    """kill -9 one of two processes mid-run: the other exits at its next collective, at once, with one error line
+    (not a hang until the coordinator's heartbeat timeout, not a traceback)."""
+    lines = (ROOT / "train" / "assets" / "lora_identity.jsonl").read_text(encoding="utf-8").splitlines()[:14]
+    (tmp_path / "tiny.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    env.pop("XLA_FLAGS", None)
+    port = _free_port()
+    procs = [subprocess.Popen(_args(tmp_path, tmp_path / "out", "--epochs", "50", "--cpu_devices", "1",
+                                    "--coordinator", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id",
+                                    str(i)), env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT if i == 0 else subprocess.DEVNULL, text=True)
+             for i in range(2)]
+    try:
+        out = []
+        for line in procs[0].stdout:  # process 0 is training: kill process 1
+            out.append(line)
+            if line.startswith("Epoch:[2/"):
+                break
+        procs[1].kill()
+        t0 = time.time()
+        out.append(procs[0].communicate(timeout=120)[0])
+        waited = time.time() - t0
+    finally:
+        for p in procs:
+            p.kill()
+    text = "".join(out)
+    errors = [x for x in text.splitlines() if x.startswith("error:")]
+    assert procs[0].returncode == 1 and waited < 60, (waited, text[-3000:])
+    assert len(errors) == 1 and "another process of this run stopped" in errors[0], text[-3000:]
+    assert "Traceback" not in text, text[-3000:]

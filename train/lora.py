@@ -23,9 +23,13 @@ divisor of the batch), which makes steps faster; `--cpu_devices 1` keeps one dev
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
+import traceback
 from typing import Optional
+
+import jax
 
 import convert
 from train import config as config_lib
@@ -55,6 +59,20 @@ def main(argv: Optional[list] = None) -> dict:
     except KeyboardInterrupt:  # Ctrl-C before the loop (loading, compiling): nothing to save yet
         print("interrupted before training started: nothing saved", file=sys.stderr)
         raise SystemExit(128 + signal.SIGINT) from None
+    except Exception as e:
+        if jax.process_count() == 1:
+            raise
+        # Several processes: a failed collective means another process is gone. Say so in one line and leave at
+        # once: a normal exit would wait in jax.distributed's shutdown barrier for the dead process's heartbeat.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        gone = any(k in str(e) for k in ("Gloo", "Connection reset", "UNAVAILABLE", "heartbeat", "DEADLINE"))
+        what = "another process of this run stopped" if gone else f"process {jax.process_index()} failed"
+        print(f"error: {what} ({type(e).__name__}: {first}); --from_resume 1 continues from the last checkpoint",
+              file=sys.stderr, flush=True)
+        if not gone:
+            traceback.print_exc()
+        sys.stdout.flush()
+        os._exit(1)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXIS = "data"
+HEARTBEAT_S = 30
 
 
 def init_distributed(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
@@ -32,7 +33,9 @@ def init_distributed(coordinator: Optional[str] = None, num_processes: Optional[
         raise ValueError("multi-process training needs all of --coordinator HOST:PORT, --num_processes N and "
                          f"--process_id I (got coordinator={coordinator!r}, num_processes={num_processes!r}, "
                          f"process_id={process_id!r})")
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    # A process that stops answering is declared dead after HEARTBEAT_S (JAX's default is 100 s).
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
+                               heartbeat_timeout_seconds=HEARTBEAT_S)
     return True
 
 
