@@ -140,15 +140,23 @@ class SFTLoader:
 
     def host_samples(self, epoch: int, step: int) -> list:
         """This host's share of global step `step`: a list of rows, each a list of sample indices."""
+        return self._layout(epoch, step)[1]
+
+    def row_length(self, epoch: int, step: int) -> int:
+        """The row length of this host's batch `step` (seq_len but in packed sample batches of short samples)."""
+        return self._layout(epoch, step)[0]
+
+    def _layout(self, epoch: int, step: int) -> tuple[int, list]:
+        """-> (row length, rows of sample indices) of this host's batch `step`: packed once per call."""
         p = self.plan(epoch)
         if self.batch_tokens is not None:
             first = step * self.rows_per_step + self.process_index * self.host_unit
-            return [list(r) for r in p.rows[first : first + self.host_unit]]
+            return self.seq_len, [list(r) for r in p.rows[first : first + self.host_unit]]
         first = step * self.batch_size + self.process_index * self.host_unit
         mine = p.order[first : first + self.host_unit]  # fewer (or none) in a short last batch
         if not self.packed:
-            return [[int(i)] for i in mine]
-        return self._pack(mine, p.lengths)[1]
+            return self.seq_len, [[int(i)] for i in mine]
+        return self._pack(mine, p.lengths)
 
     def _pack(self, samples: np.ndarray, lengths: np.ndarray) -> tuple[int, list]:
         """-> (row length, rows): the candidate length whose packing needs the fewest padded tokens."""
@@ -163,21 +171,13 @@ class SFTLoader:
                 best = (cost, t, rows)
         return best[1], best[2]
 
-    def row_length(self, epoch: int, step: int) -> int:
-        """The row length of this host's batch `step` (seq_len but in packed sample batches of short samples)."""
-        if not self.packed or self.batch_tokens is not None or len(self.row_lengths) == 1:
-            return self.seq_len
-        p = self.plan(epoch)
-        first = step * self.batch_size + self.process_index * self.host_unit
-        return self._pack(p.order[first : first + self.host_unit], p.lengths)[0]
-
     def fill_ratio(self, epoch: int) -> float:
         """Fraction of real tokens in the rows this host's batches hold over an epoch (padding efficiency)."""
         p, real, rows = self.plan(epoch), 0, 0
         for s in range(self.steps_in_epoch(epoch)):
-            host = self.host_samples(epoch, s)
+            t, host = self._layout(epoch, s)
             real += int(sum(p.lengths[i] for r in host for i in r))
-            rows += (max(len(host), 1) if self.packed else self.host_unit) * self.row_length(epoch, s)
+            rows += (max(len(host), 1) if self.packed else self.host_unit) * t
         return real / max(rows, 1)
 
     # -- batches
@@ -188,8 +188,8 @@ class SFTLoader:
         many rows as the samples need (at least one) and segment_ids / positions.
         """
         p, ds = self.plan(epoch), self.ds
-        host = self.host_samples(epoch, step)
-        B, T = (max(len(host), 1) if self.packed else self.host_unit), self.row_length(epoch, step)
+        T, host = self._layout(epoch, step)
+        B = max(len(host), 1) if self.packed else self.host_unit
         ids = np.full((B, T), ds.pad_id, np.int32)  # [B, T]
         labels = np.full((B, T), IGNORE, np.int32)  # [B, T]
         if not self.packed:
