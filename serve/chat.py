@@ -1,17 +1,25 @@
 """Chat with a MiniMind model and any merged mix of LoRA adapters (MiniMind's eval_llm.py, in JAX).
 
+    python -m serve.chat --weight full_sft --lora_weight lora_identity       # MiniMind's eval_llm.py: names in out/
     python -m serve.chat --weight out/full_sft_512.pth                       # auto-test prompts (mode 0)
     python -m serve.chat --weight full_sft_512.pth --lora lora_identity_512.pth --mode 1   # interactive
     python -m serve.chat --weight base.safetensors --lora a.ckpt --lora b_peft/ --lora_weights 0.7,0.3
     python -m serve.chat --prompt "hello" --greedy --max_new_tokens 32      # no --weight: random init
 
 --weight: MiniMind .pth, .safetensors or an orbax params checkpoint dir (config.json beside it, or --config,
-or inferred from the shapes). Without --weight a randomly initialised model (--family/--hidden_size/
---num_hidden_layers, default MiniMind2-small) is used: gibberish, for smoke tests only; but when the first --lora
+or inferred from the shapes), or a MiniMind name as in eval_llm.py: `--weight full_sft` is
+<save_dir>/full_sft_<hidden>[_moe].pth (--save_dir, default out; --hidden_size; --use_moe 1 for _moe).
+--lora_weight NAME (eval_llm.py's flag) is <save_dir>/lora/NAME_<hidden>.pth (MiniMind2's layout), else
+<save_dir>/NAME_<hidden>[_moe].ckpt (what train.lora writes), else <save_dir>/NAME_<hidden>[_moe].pth; --lora
+takes the same names. An existing path is always used as it is; a name that matches no file is one error line
+listing the paths tried. Without --weight a randomly initialised model (--family/--hidden_size/
+--num_hidden_layers, default MiniMind2-small) is used: gibberish, for smoke tests only; but when the first adapter
 was trained by train.lora over a random base (its bundled demo), that base is rebuilt from the seed and config the
-adapter records, so `python -m serve.chat --lora out/lora_identity_512.ckpt` answers as the demo did.
---lora: adapter .ckpt / MiniMind .pth / PEFT dir (repeatable); all are merged into the weights once at load,
-each scaled by its --lora_weights entry (default 1 each), so decoding costs the same as the base model.
+adapter records, so `python -m serve.chat --lora_weight lora_identity` (or `--lora out/lora_identity_512.ckpt`)
+answers as the demo did.
+--lora: adapter .ckpt / MiniMind .pth / PEFT dir, or a name (repeatable, after --lora_weight); all adapters are
+merged into the weights once at load, each scaled by its --lora_weights entry (default 1 each), so decoding costs
+the same as the base model.
 Tokens are printed as they are generated. --mode 0 runs the built-in prompts (or --prompt ...) and needs no
 stdin; --mode 1 reads prompts from stdin until an empty line or EOF.
 Sampling follows MiniMind's generate (temperature, top_k 50, top_p, repetition_penalty); --greedy or
@@ -49,11 +57,19 @@ PROMPTS = [  # eval_llm.py's auto-test prompts
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--weight", default=None, help="model weights: .pth / .safetensors / params .ckpt dir "
+    ap.add_argument("--save_dir", default="out", help="where MiniMind names are looked up (eval_llm.py's)")
+    ap.add_argument("--weight", default=None, help="model weights: a name (full_sft -> <save_dir>/full_sft_<hidden>"
+                                                   "[_moe].pth) or a path: .pth / .safetensors / params .ckpt dir "
                                                    "(default: random init, smoke tests only)")
     ap.add_argument("--config", default=None, help="config.json for --weight (default: beside it, or inferred)")
-    ap.add_argument("--lora", action="append", default=[], help="adapter .ckpt / .pth / PEFT dir (repeatable)")
-    ap.add_argument("--lora_weights", default=None, help="comma-separated weight per --lora (default 1 each)")
+    ap.add_argument("--lora_weight", default=None, help="MiniMind's: an adapter name (lora_identity -> <save_dir>/"
+                                                        "lora/lora_identity_<hidden>.pth, else <save_dir>/"
+                                                        "lora_identity_<hidden>[_moe].ckpt or .pth) or a path; "
+                                                        "None = no adapter")
+    ap.add_argument("--lora", action="append", default=[], help="adapter .ckpt / .pth / PEFT dir, or a name as for "
+                                                                "--lora_weight (repeatable)")
+    ap.add_argument("--lora_weights", default=None, help="comma-separated mixing weight per adapter, --lora_weight "
+                                                         "first, then each --lora (default 1 each)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the bundled one)")
     ap.add_argument("--mode", type=int, default=0, choices=[0, 1], help="0: auto-test prompts, 1: read stdin")
     ap.add_argument("--prompt", action="append", default=None, help="prompt(s) for mode 0 instead of the built-in")
@@ -71,11 +87,23 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=None, help="seed (default: a random one per prompt, as MiniMind)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     ap.add_argument("--family", default="minimind2", choices=["minimind2", "minimind3"], help="random-init model")
-    ap.add_argument("--hidden_size", type=int, default=512, help="random-init model")
+    ap.add_argument("--hidden_size", type=int, default=512, help="the <hidden> of names; random-init model")
     ap.add_argument("--num_hidden_layers", type=int, default=8, help="random-init model")
-    ap.add_argument("--use_moe", type=int, default=0, choices=[0, 1], help="random-init model")
+    ap.add_argument("--use_moe", type=int, default=0, choices=[0, 1], help="1: the _moe suffix of names; "
+                                                                          "random-init model")
     ap.add_argument("--inference_rope_scaling", action="store_true", help="YaRN (4x) on the loaded model")
-    return ap.parse_args(argv)
+    return resolve_names(ap.parse_args(argv))
+
+
+def resolve_names(args):
+    """--weight / --lora_weight / --lora as MiniMind names or paths -> args with the paths (convert.names);
+    args.lora becomes every adapter to merge, --lora_weight's first. FileNotFoundError names the paths tried."""
+    key = (args.save_dir, args.hidden_size, bool(args.use_moe))
+    if args.weight is not None:
+        args.weight = str(convert.resolve_weight(args.weight, *key))
+    lora_weight = None if args.lora_weight in (None, "", "None", "none") else args.lora_weight
+    args.lora = [str(convert.resolve_lora(name, *key)) for name in ([lora_weight] if lora_weight else []) + args.lora]
+    return args
 
 
 def _random_base(path):
@@ -144,9 +172,12 @@ class StreamPrinter:
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    tokenizer = load_tokenizer(args.tokenizer)
-    config, params = load(args)
+    try:  # what a user can fix (a name or path that is not there, unreadable weights): one line, no traceback
+        args = parse_args(argv)
+        tokenizer = load_tokenizer(args.tokenizer)
+        config, params = load(args)
+    except (FileNotFoundError, convert.CheckpointError) as e:
+        raise SystemExit(f"error: {e}") from None
     if tokenizer.vocab_size > config.vocab_size:
         print(f"[chat] warning: tokenizer has {tokenizer.vocab_size} tokens, the model {config.vocab_size}",
               file=sys.stderr)

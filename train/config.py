@@ -146,13 +146,15 @@ def build_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
     a("--grad_clip", type=float, default=1.0)
     a("--log_interval", type=int, default=10)
     a("--save_interval", type=int, default=1000)
-    a("--hidden_size", type=int, default=512, help="model width when no --from_weight (random init)")
+    a("--hidden_size", type=int, default=512, help="model width of the random-init base (no --from_weight), and "
+                                                   "the <hidden> of MiniMind names in --from_weight / --from_lora")
     a("--num_hidden_layers", type=int, default=8)
     a("--max_seq_len", type=int, default=340)
-    a("--use_moe", type=int, choices=(0, 1), default=0)
+    a("--use_moe", type=int, choices=(0, 1), default=0, help="1: MoE random-init base; the _moe suffix of names")
     a("--data_path", default=str(BUNDLED_DATA), help="MiniMind SFT jsonl (comma-separated for several)")
     a("--from_weight", default=None,
-      help="base weights: MiniMind .pth, .safetensors or an orbax params dir; none = random init")
+      help="base weights: a path (MiniMind .pth, .safetensors, orbax params dir) or a MiniMind name as in its "
+           "train_lora.py: full_sft = <save_dir>/full_sft_<hidden>[_moe].pth, else out/...; none = random init")
     a("--from_resume", type=int, choices=(0, 1), default=0, help="1: continue from the latest full train state")
     a("--rank", type=int, default=8)
     a("--alpha", type=float, default=None, help="LoRA alpha (scale alpha/rank); default none = scale 1 like MiniMind")
@@ -160,7 +162,8 @@ def build_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
                                       "comma-separated names/regexes; all-linear for the bundled random-init demo")
     a("--seed", type=int, default=42)
     a("--tokenizer", default=None, help="tokenizer directory (default: the bundled one)")
-    a("--from_lora", default=None, help="start from an existing adapter (.ckpt, MiniMind .pth, PEFT dir, ...)")
+    a("--from_lora", default=None, help="start from an existing adapter: a path (.ckpt, MiniMind .pth, PEFT dir) "
+                                        "or a name like serve.chat's --lora_weight (looked up in --save_dir)")
     a("--add_system_ratio", type=float, default=None,
       help="MiniMind's: prepend a random system prompt (default 0.2; demo 0)")
     a("--empty_think_ratio", type=float, default=None,

@@ -3,6 +3,7 @@ adapter. Builders return plain values and a note for the log; train.run puts the
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from typing import Callable
@@ -24,8 +25,30 @@ def _shape(config) -> str:
     return f"{config.hidden_size}x{config.num_hidden_layers}{', MoE' if config.use_moe else ''}"
 
 
+def resolve_names(cfg: RunConfig) -> RunConfig:
+    """--from_weight / --from_lora given as MiniMind names -> the same config with the paths they name (paths that
+    exist are kept as they are; see convert.names). `--from_weight full_sft` is `<save_dir>/full_sft_<hidden>[_moe].pth`
+    as in MiniMind's train_lora.py, which reads the base from `out` whatever its --save_dir: looked up in --save_dir,
+    then in `out`. `--from_lora NAME` is looked up in --save_dir like serve.chat's --lora_weight. Raises
+    FileNotFoundError naming the flag and every path tried."""
+    changes = {}
+    try:
+        if not cfg.random_base:
+            changes["from_weight"] = str(convert.resolve_weight(cfg.from_weight, [cfg.save_dir, "out"],
+                                                                cfg.hidden_size, cfg.use_moe))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"--from_weight: {e}") from None
+    try:
+        if cfg.from_lora:
+            changes["from_lora"] = str(convert.resolve_lora(cfg.from_lora, cfg.save_dir, cfg.hidden_size, cfg.use_moe))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"--from_lora: {e}") from None
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
 def load_base(cfg: RunConfig):
-    """-> (config, params, note): --from_weight's model, or a random MiniMind2-small-shaped one (seed --seed)."""
+    """-> (config, params, note): --from_weight's model (a path: `resolve_names` first for MiniMind names), or a
+    random MiniMind2-small-shaped one (seed --seed)."""
     if not cfg.random_base:
         config, params = convert.load_model(cfg.from_weight)
         return config, params, f"base weights: {cfg.from_weight} ({config.family}, {_shape(config)})"

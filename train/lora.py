@@ -4,10 +4,12 @@ With no arguments it trains a rank-8 adapter on the bundled train/assets/lora_id
 over a freshly initialised MiniMind2-small-shaped base (512x8), in a few minutes on a CPU, and prints the greedy
 answers to two prompts before and after training. Real use mirrors MiniMind's trainer/train_lora.py:
 
-    python -m train.lora --from_weight out/full_sft_512.pth --data_path dataset/lora_identity.jsonl \\
+    python -m train.lora --from_weight full_sft --data_path dataset/lora_identity.jsonl \\
         --lora_name lora_identity --epochs 10 --batch_size 32 --learning_rate 1e-4
 
-writes `<save_dir>/<lora_name>_<hidden>[_moe].ckpt` (orbax adapter + metadata; `python -m convert` turns it into
+reads the base `full_sft` as MiniMind does, `<save_dir>/full_sft_<hidden>[_moe].pth` (then `out/...`; --hidden_size
+and --use_moe give the suffix; a path such as `--from_weight my/full_sft_512.pth` is used as it is), and writes
+`<save_dir>/<lora_name>_<hidden>[_moe].ckpt` (orbax adapter + metadata; `python -m convert` turns it into
 MiniMind's .pth), `<save_dir>/<lora_name>_metrics.jsonl`, `<save_dir>/<lora_name>_loss.png`, and, for
 `--from_resume 1`, the full train state under `<save_dir>/checkpoints/<lora_name>_<hidden>_resume/`.
 

@@ -102,6 +102,7 @@ def run(cfg: RunConfig, *, on_step: Optional[Callable[[int, Any], None]] = None)
 
 def setup(cfg: RunConfig):
     """-> (Job, fresh train state on the mesh); logs what it built."""
+    cfg = job_lib.resolve_names(cfg)  # MiniMind names (--from_weight full_sft) -> paths; Job.cfg keeps the paths
     # before JAX starts: the device count is fixed when its backends come up
     cpu_split = sharding.configure_cpu_devices(cfg.cpu_devices, cfg.batch_size, cfg.num_processes)
     sharding.init_distributed(cfg.coordinator, cfg.num_processes, cfg.process_id)
