@@ -74,6 +74,19 @@ def _attend(q, kb, vb, mask: AttentionMask, dtype, dropout=None):
     return (out / denom.astype(out.dtype)).astype(dtype).transpose(0, 3, 1, 2, 4)
 
 
+def _write(cache, new, index, axis: int, kv_heads: int):
+    """Write `new` into the cache [B*K, ...] at slot `index` along `axis`: one index for the whole batch (generate),
+    or one per row [B] (the serving engine, where every slot is at its own position)."""
+    new = new.astype(cache.dtype)
+    if jnp.ndim(index) == 0:
+        start = [0, 0, 0]
+        start[axis] = index
+        return jax.lax.dynamic_update_slice(cache, new, tuple(start))
+    rows = jnp.repeat(jnp.asarray(index, jnp.int32), kv_heads)  # [B*K]: row b's K heads share its position
+    write = lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=axis - 1)
+    return jax.vmap(write)(cache, new, rows)
+
+
 class Attention(nn.Module):
     config: MiniMindConfig
     dtype: Any = jnp.float32
@@ -101,10 +114,8 @@ class Attention(nn.Module):
             # The cache is kept in heads_major layout, the operands of _attend's matmuls, so a decode step reads
             # it in place; a [B, S, K, H] cache was transposed (copied) twice per layer and step.
             kn, vn = heads_major(kx, v)
-            new_cache = {"k": jax.lax.dynamic_update_slice(cache["k"], kn.astype(cache["k"].dtype),
-                                                           (0, 0, cache_index)),
-                         "v": jax.lax.dynamic_update_slice(cache["v"], vn.astype(cache["v"].dtype),
-                                                           (0, cache_index, 0))}
+            new_cache = {"k": _write(cache["k"], kn, cache_index, axis=2, kv_heads=k),
+                         "v": _write(cache["v"], vn, cache_index, axis=1, kv_heads=k)}
             out = _attend(qg, new_cache["k"].astype(self.dtype), new_cache["v"].astype(self.dtype), mask, self.dtype,
                           dropout)
         elif t > QUERY_BLOCK:

@@ -32,7 +32,7 @@ class CausalLMOutput(NamedTuple):
 def init_cache(config: MiniMindConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
     """An empty KV cache: per layer k [B*K, H, S] and v [B*K, S, H] (attention.heads_major: k after RoPE, kv heads
     not repeated, laid out as attention's matmuls read them, so decoding never copies the cache); `index` = filled
-    length.
+    length (a scalar; the serving engine sets one per row, [B]).
     `cache_as_minimind` gives MiniMind's past_key_values layout [B, S, K, H]."""
     bk, h = batch * config.num_key_value_heads, config.head_dim
     return {"layers": [{"k": jnp.zeros((bk, h, max_len), dtype), "v": jnp.zeros((bk, max_len, h), dtype)}
@@ -103,9 +103,11 @@ class MiniMindModel(nn.Module):
     def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None, cache=None,
                  deterministic=True):
         b, t = input_ids.shape
+        # the cache's fill length: one for the batch, or one per row [B] (serving: each slot at its own position)
         start = cache["index"] if cache is not None else 0
+        q_idx = jnp.broadcast_to(jnp.asarray(start, jnp.int32)[..., None] + jnp.arange(t, dtype=jnp.int32), (b, t))
         if positions is None:  # MiniMind: positions continue from the cache length, pads included
-            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+            positions = q_idx
         cos, sin = rope_cos_sin(self.config, positions)
         if cache is None:  # causal by token order; `positions` only drive RoPE (they restart in packed rows)
             idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -113,7 +115,6 @@ class MiniMindModel(nn.Module):
         else:  # keys are cache slots 0..S-1; attention_mask, when given, covers all S slots
             s = cache["layers"][0]["k"].shape[-1]
             k_idx = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-            q_idx = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
             mask = attention_mask_for(q_idx, k_idx, attention_mask)
 
         x = self.embed_tokens(input_ids).astype(self.dtype)  # [B, T, D]

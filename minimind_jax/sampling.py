@@ -22,7 +22,7 @@ MAX_CANDIDATES = 128  # top_k above this (or top_k=0 with top_p<1) first tries t
 NEG_INF = -jnp.inf
 
 
-class Knobs(NamedTuple):  # runtime sampling values (traced: changing them does not recompile)
+class Knobs(NamedTuple):  # runtime sampling values (traced: changing them does not recompile); scalars or [B]
     temperature: jax.Array
     top_p: jax.Array
     repetition_penalty: jax.Array
@@ -39,10 +39,16 @@ class Static(NamedTuple):  # compile-time choices
 # ---------------------------------------------------------------------------------------------------------------
 # MiniMind's logit processing (exact definitions; also the reference the fast path is tested against)
 # ---------------------------------------------------------------------------------------------------------------
+def _per_row(v):
+    """A knob as a [B, 1] column when it is given per row ([B]), else as it is (scalar)."""
+    v = jnp.asarray(v)
+    return v[:, None] if v.ndim == 1 else v
+
+
 def apply_penalty(logits, seen, temperature, repetition_penalty):
     """logits [B, V] / temperature, then MiniMind's repetition penalty on the ids marked in `seen` [B, V]."""
-    x = logits.astype(jnp.float32) / temperature
-    p = jnp.asarray(repetition_penalty, jnp.float32)
+    x = logits.astype(jnp.float32) / _per_row(temperature)
+    p = _per_row(jnp.asarray(repetition_penalty, jnp.float32))
     return jnp.where(seen, jnp.where(x > 0, x / p, x * p), x)
 
 
@@ -63,8 +69,9 @@ def filter_logits(x, top_k: int, top_p):
     order = jnp.argsort(-x, axis=-1, stable=True)
     sorted_x = jnp.take_along_axis(x, order, axis=-1)
     cum = jnp.cumsum(jax.nn.softmax(sorted_x, axis=-1), axis=-1)
+    top_p = _per_row(top_p)
     remove_sorted = jnp.concatenate([jnp.zeros_like(cum[..., :1], bool), cum[..., :-1] > top_p], axis=-1)
-    remove_sorted &= jnp.asarray(top_p) < 1.0
+    remove_sorted &= top_p < 1.0
     remove = jnp.zeros_like(remove_sorted).at[jnp.arange(x.shape[0])[:, None], order].set(remove_sorted)
     return jnp.where(remove, NEG_INF, x)
 
@@ -106,20 +113,28 @@ def _candidates(x, top_k: int, top_p, use_top_p: bool):
     keep = jnp.ones_like(vals, bool)
     if use_top_p:
         cum = jnp.cumsum(jnp.exp(vals - lse), axis=-1)  # = cumsum(softmax(sorted)) over the first c entries
-        keep = jnp.concatenate([keep[:, :1], cum[:, :-1] <= top_p], axis=-1)
+        keep = jnp.concatenate([keep[:, :1], cum[:, :-1] <= _per_row(top_p)], axis=-1)
         if exact is None:  # every token past the candidates is removed iff cum[c-1] > top_p
             exact = (cum[:, -1] > top_p) | (c == v)
     return vals, idx, keep, exact
 
 
 def select_tokens(logits, seen, key, knobs: Knobs, static: Static):
-    """The next token per row [B] from last-position logits [B, V], MiniMind's rules (see module doc)."""
+    """The next token per row [B] from last-position logits [B, V], MiniMind's rules (see module doc).
+    One key for the batch: row b draws the b-th of `uniform(key, (B,))`."""
+    u = jax.random.uniform(key, (logits.shape[0],), jnp.float32) if static.do_sample else None
+    return select_tokens_u(logits, seen, u, knobs, static)
+
+
+def select_tokens_u(logits, seen, u, knobs: Knobs, static: Static):
+    """`select_tokens` with the uniform draws u [B] given (one per row; None when not sampling), so callers that
+    key every row on its own (the serving engine: one seed per request) pick what `generate` picks for that row.
+    Knobs may be scalars or per row [B]."""
     b, v = logits.shape
     t = knobs.temperature if static.do_sample else jnp.where(knobs.temperature > 0, knobs.temperature, 1.0)
     x = apply_penalty(logits, seen, t, knobs.repetition_penalty)
     if not static.do_sample:  # top-k / top-p never remove the argmax
         return jnp.argmax(x, axis=-1).astype(jnp.int32)
-    u = jax.random.uniform(key, (b,), jnp.float32)
     top_k = min(static.top_k, v) if static.top_k > 0 else 0
     if top_k == v:
         top_k = 0  # keeps everything

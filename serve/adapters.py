@@ -1,0 +1,236 @@
+"""The served adapters: named, stacked for per-row gathering, loaded and unloaded while requests run.
+
+    stack = AdapterStack(params, config)
+    stack.add("identity", adapter); stack.add("medical", other)
+    key = stack.resolve("identity+0.5*medical")   # a weighted mix: lora.combine (exact), built once, cached
+    handle = stack.acquire(key) ... stack.release(handle)   # held by a request from submit to its end
+    stack.arrays()                                  # the stacked lora.Adapter the engine's step gathers from
+
+Every adapter keeps its index in the stack for as long as it is loaded, so a request decoding with index 3 keeps
+decoding with it while others are loaded; an unloaded adapter disappears for new requests at once and frees its
+index when its last request ends. The stack's shape (capacity: powers of two; rank: the largest rank rounded up to
+a power of two; the union of adapted modules) only grows, and only a growth compiles new code: loading an adapter of
+a rank and modules already covered, into a free index, costs no compilation.
+"""
+from __future__ import annotations
+
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Optional
+
+import jax.numpy as jnp
+import numpy as np
+
+import lora
+
+MIX_CACHE = 8  # weighted mixes kept built (least recently used dropped first, never one in use)
+_TERM = re.compile(r"^\s*(?:([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*\*\s*)?([A-Za-z0-9_.\-]+)\s*$")
+
+
+@dataclass(eq=False)  # a handle: compared by identity
+class _Entry:
+    adapter: lora.Adapter
+    index: int
+    info: dict
+    users: int = 0
+    parts: tuple = ()  # a mix: the names it was built from
+
+
+def parse_mix(spec: str) -> list[tuple[float, str]]:
+    """"a+0.5*b" -> [(1.0, "a"), (0.5, "b")]; ValueError when it is not such a sum."""
+    terms = []
+    for part in spec.split("+"):
+        m = _TERM.match(part)
+        if not m:
+            raise ValueError(f"cannot read {spec!r} as a mix: write name or weight*name terms joined by '+', "
+                             "e.g. lora_identity+0.5*lora_medical")
+        terms.append((float(m.group(1)) if m.group(1) else 1.0, m.group(2)))
+    return terms
+
+
+def _rank(adapter: lora.Adapter) -> int:
+    return max(ab["A"].shape[-1] for _, ab in adapter.modules())
+
+
+def _pow2(n: int, minimum: int) -> int:
+    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+class AdapterStack:
+    def __init__(self, params, config, capacity: int = 8):
+        self._params, self._config = params, config
+        self._lock = threading.RLock()
+        self._entries: dict[str, _Entry] = {}  # the loaded adapters and built mixes, by name
+        self._retired: list[_Entry] = []  # unloaded but still decoding for a request
+        self._mixes: OrderedDict[str, None] = OrderedDict()
+        self._capacity = _pow2(capacity, 1)
+        self._rank = 0
+        self._paths: set = set()
+        self._arrays = None
+        self._dirty = False
+        self.compiles = 0  # how many times the stack's shape grew (each costs the engine a new compile)
+
+    # -- names ---------------------------------------------------------------------------------------------------
+    def add(self, name: str, adapter: lora.Adapter, info: Optional[dict] = None) -> None:
+        """Serve `adapter` as `name` (replacing a loaded one of that name: running requests keep the old one)."""
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name) or name.replace(".", "") == "":
+            raise ValueError(f"adapter name {name!r}: use letters, digits, '_', '-', '.'")
+        with self._lock:
+            if name in self._entries:
+                self.remove(name)
+            info = dict(info or {}, rank=_rank(adapter), targets=adapter.targets)
+            self._put(name, _Entry(adapter, self._free_index(), info))
+
+    def remove(self, name: str) -> None:
+        """Unload `name` (KeyError if not loaded) and every cached mix built from it."""
+        with self._lock:
+            if name not in self._entries or self._entries[name].parts:
+                raise KeyError(name)
+            self._retire(name)
+            for mix in [m for m, e in self._entries.items() if name in e.parts]:
+                self._retire(mix)
+
+    def names(self) -> dict[str, dict]:
+        """Loaded adapters (not mixes) and their info."""
+        with self._lock:
+            return {n: dict(e.info) for n, e in self._entries.items() if not e.parts}
+
+    def resolve(self, model: str) -> str:
+        """An adapter's name, or a mix expression -> the key requests use (a mix is built and cached here).
+        KeyError names the unknown adapter; ValueError a malformed mix."""
+        with self._lock:
+            entry = self._entries.get(model)
+            if entry is not None:
+                if entry.parts:
+                    self._mixes.move_to_end(model)
+                return model
+            terms = parse_mix(model)
+            for _, n in terms:
+                e = self._entries.get(n)
+                if e is None or e.parts:
+                    raise KeyError(n)
+            if len(terms) == 1 and terms[0][0] == 1.0:
+                return terms[0][1]
+            key = "+".join(n if w == 1.0 else f"{w:g}*{n}" for w, n in terms)
+            if key in self._entries:
+                self._mixes.move_to_end(key)
+                return key
+            mixed = lora.combine([self._entries[n].adapter for _, n in terms], [w for w, _ in terms])
+            self._evict_mixes()
+            self._put(key, _Entry(mixed, self._free_index(), {"rank": _rank(mixed), "targets": mixed.targets,
+                                                               "mix": model}, parts=tuple(n for _, n in terms)))
+            self._mixes[key] = None
+            return key
+
+    # -- request lifetime ----------------------------------------------------------------------------------------
+    def acquire(self, key: Optional[str]) -> Optional[_Entry]:
+        """A handle on `key`'s adapter (None: the base) that keeps its index until `release`; KeyError if unknown."""
+        if key is None:
+            return None
+        with self._lock:
+            entry = self._entries[key]
+            entry.users += 1
+            return entry
+
+    def release(self, handle: Optional[_Entry]) -> None:
+        if handle is None:
+            return
+        with self._lock:
+            handle.users -= 1
+            if handle.users == 0 and handle in self._retired:
+                self._retired.remove(handle)
+                self._dirty = True
+
+    def arrays(self) -> Optional[lora.Adapter]:
+        """The stacked adapter [capacity, ...] (scales folded, ranks zero-padded), rebuilt after a change; None while
+        nothing was ever loaded (the base alone: the engine's step then has no low-rank branch at all)."""
+        with self._lock:
+            if self._dirty:
+                self._arrays = self._build()
+                self._dirty = False
+            return self._arrays
+
+    # -- internals -----------------------------------------------------------------------------------------------
+    def _put(self, key: str, entry: _Entry) -> None:
+        self._entries[key] = entry
+        grew = False
+        if entry.index >= self._capacity:
+            self._capacity *= 2
+            grew = True
+        rank = _pow2(entry.info["rank"], 8)
+        if rank > self._rank:
+            grew = grew or self._rank > 0
+            self._rank = rank
+        paths = {p for p, _ in entry.adapter.modules()}
+        if not paths <= self._paths:
+            grew = grew or bool(self._paths)
+            self._paths |= paths
+        self.compiles += grew
+        self._dirty = True
+
+    def _retire(self, key: str) -> None:
+        entry = self._entries.pop(key)
+        self._mixes.pop(key, None)
+        if entry.users:
+            self._retired.append(entry)
+        self._dirty = True
+
+    def _live(self) -> list[_Entry]:
+        return list(self._entries.values()) + self._retired
+
+    def _free_index(self) -> int:
+        used = {e.index for e in self._live()}
+        return next(i for i in range(len(used) + 1) if i not in used)
+
+    def _evict_mixes(self) -> None:
+        for key in list(self._mixes):
+            if len(self._mixes) < MIX_CACHE:
+                return
+            if self._entries[key].users == 0:
+                self._retire(key)
+
+    def _build(self) -> lora.Adapter:
+        shapes = {}
+        for entry in self._live():
+            for path, ab in entry.adapter.modules():
+                shapes[path] = (ab["A"].shape[0], ab["B"].shape[-1])
+        for path in self._paths - set(shapes):  # modules of unloaded adapters stay in the shape, as zeros
+            shapes[path] = self._module_shape(path)
+        weights: dict = {}
+        for path, (i, o) in shapes.items():
+            a = np.zeros((self._capacity, i, self._rank), np.float32)
+            b = np.zeros((self._capacity, self._rank, o), np.float32)
+            node = weights
+            for name in path[:-1]:
+                node = node.setdefault(name, {})
+            node[path[-1]] = {"A": a, "B": b}
+        for entry in self._live():
+            for path, ab in _folded_modules(entry.adapter):
+                r = ab["A"].shape[-1]
+                node = _get(weights, path)
+                node["A"][entry.index, :, :r] = np.asarray(ab["A"], np.float32)
+                node["B"][entry.index, :r, :] = np.asarray(ab["B"], np.float32)
+        return lora.Adapter(_to_device(weights), alpha=None, rslora=False, targets="served")
+
+    def _module_shape(self, path) -> tuple[int, int]:
+        kernel = _get(self._params, path)["kernel"]
+        return kernel.shape
+
+
+def _folded_modules(adapter: lora.Adapter):
+    """(path, {"A", "B" with the scale folded in}) per module."""
+    for path, ab in adapter.modules():
+        s = adapter.scale(ab["A"].shape[-1])
+        yield path, {"A": ab["A"], "B": ab["B"] if s == 1.0 else np.asarray(ab["B"], np.float32) * s}
+
+
+def _get(tree, path):
+    for name in path:
+        tree = tree[name]
+    return tree
+
+
+def _to_device(tree):
+    return {k: _to_device(v) if isinstance(v, dict) else jnp.asarray(v) for k, v in tree.items()}
