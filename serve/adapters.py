@@ -134,6 +134,12 @@ class AdapterStack:
             entry.users += 1
             return entry
 
+    def hold(self, model: str) -> tuple[str, _Entry]:
+        """resolve + acquire in one step (a mix cannot be evicted in between): -> (key, handle)."""
+        with self._lock:
+            key = self.resolve(model)
+            return key, self.acquire(key)
+
     def release(self, handle: Optional[_Entry]) -> None:
         if handle is None:
             return

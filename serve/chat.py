@@ -38,10 +38,11 @@ import numpy as np
 import convert
 import lora
 from convert.util import parse_weights
-from minimind_jax.config import MiniMindConfig, compute_dtype
+from minimind_jax.config import compute_dtype
 from minimind_jax.generate import generate_stream
-from minimind_jax.model import init_params
 from minimind_jax.tokenizer import load_tokenizer
+
+from .loading import load_base
 
 PROMPTS = [  # eval_llm.py's auto-test prompts
     "你有什么特长？",
@@ -106,37 +107,12 @@ def resolve_names(args):
     return args
 
 
-def _random_base(path):
-    """(config, seed) of the random-init base an adapter was trained on (train.lora records both), else None."""
-    try:
-        meta = convert.read_adapter_metadata(path)
-    except Exception:  # not an adapter this can read: load() reports it when it loads the adapter
-        return None
-    if meta.get("base_random_seed") is None or not meta.get("base_config"):
-        return None
-    return MiniMindConfig.from_dict(meta["base_config"]), int(meta["base_random_seed"])
-
-
 def load(args):
     """-> (config, params) with every --lora merged in."""
-    rebuilt = _random_base(args.lora[0]) if args.weight is None and args.lora else None
-    if rebuilt is not None:  # an adapter train.lora trained over a random base: rebuild that base
-        config, seed = rebuilt
-        params = init_params(config, seed)
-        print(f"[chat] no --weight: the random-init base {args.lora[0]} was trained on ({config.family} "
-              f"{config.hidden_size}x{config.num_hidden_layers}, seed {seed})", file=sys.stderr)
-    elif args.weight is None:
-        config = MiniMindConfig(family=args.family, hidden_size=args.hidden_size,
-                                num_hidden_layers=args.num_hidden_layers, use_moe=bool(args.use_moe),
-                                inference_rope_scaling=args.inference_rope_scaling)
-        print(f"[chat] no --weight: RANDOM-INIT {config.family} {config.hidden_size}x{config.num_hidden_layers} "
-              "(output is gibberish; for smoke tests only)", file=sys.stderr)
-        params = init_params(config, seed=0)
-    else:
-        config, params = convert.load_model(args.weight, args.config)
-        if args.inference_rope_scaling:
-            config = config.replace(inference_rope_scaling=True, rope_scaling=None)
-        print(f"[chat] {args.weight}: {config.family} {config.hidden_size}x{config.num_hidden_layers}", file=sys.stderr)
+    config, params = load_base(args.weight, args.config, adapter_path=args.lora[0] if args.lora else None,
+                               family=args.family, hidden_size=args.hidden_size,
+                               num_hidden_layers=args.num_hidden_layers, use_moe=args.use_moe,
+                               rope_scaling=args.inference_rope_scaling, tag="chat")
     if args.lora:
         try:
             weights = parse_weights(args.lora_weights, len(args.lora), "--lora_weights", "--lora")

@@ -211,7 +211,8 @@ class Engine:
     # -- the public side (any thread) ----------------------------------------------------------------------------
     def submit(self, prompt, adapter: Optional[str] = None, sampling: Sampling = Sampling(),
                sink: Optional[Callable] = None) -> Request:
-        """Queue a request; raises ContextError / KeyError (unknown adapter) / ValueError before queueing."""
+        """Queue a request for the base (adapter None), an adapter or a mix ("a+0.5*b"); raises ContextError,
+        KeyError (an adapter that is not loaded) or ValueError before queueing."""
         prompt = [int(t) for t in prompt]
         if not prompt:
             raise ValueError("the prompt is empty")
@@ -226,7 +227,8 @@ class Engine:
             raise ContextError(f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceeds the "
                                f"context of {self.max_seq_len} tokens")
         seed = sampling.seed if sampling.seed is not None else random.randrange(2 ** 31)
-        handle = self.adapters.acquire(adapter)  # KeyError for an unknown name; held until the request ends
+        # KeyError for an unknown name, ValueError for a malformed mix; held until the request ends
+        adapter, handle = self.adapters.hold(adapter) if adapter is not None else (None, None)
         req = Request(prompt, adapter, handle, sampling, sink or (lambda t: True), max_tokens, int(seed) % 2 ** 31)
         with self._wake:
             self.waiting.append(req)
