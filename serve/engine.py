@@ -142,7 +142,7 @@ def _insert(cache, seen, kv, seen_row, slot):
     return layers, jax.lax.dynamic_update_slice(seen, seen_row, (slot, 0))
 
 
-@partial(jax.jit, static_argnames=("length",), donate_argnames=("cache",))
+@partial(jax.jit, static_argnames=("length",))
 def _resize(cache, *, length):
     """The cache with `length` slots: zeros appended, or the tail cut (only slots no running request reaches)."""
     def fit(x, axis):

@@ -1,0 +1,131 @@
+"""serve.engine in-process: continuous batching gives every request what `generate` gives it alone (greedy and
+sampled with a seed, adapters and mixes per row, prompts of many lengths sharing slots), and the adapter stack keeps
+an unloaded adapter for the requests that still use it."""
+from __future__ import annotations
+
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lora
+from minimind_jax import MiniMindConfig, MiniMindForCausalLM
+from minimind_jax.generate import generate
+from serve.adapters import AdapterStack, parse_mix
+from serve.engine import ContextError, Engine, Sampling
+
+TINY = MiniMindConfig(family="minimind3", hidden_size=48, num_hidden_layers=2, num_attention_heads=6,
+                      num_key_value_heads=2, vocab_size=97)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    params = jax.jit(lambda k: MiniMindForCausalLM(TINY).init(k, jnp.zeros((1, 4), jnp.int32))["params"])(
+        jax.random.key(0))
+    params = jax.tree_util.tree_map_with_path(  # spread the logits: no near-ties in greedy comparisons
+        lambda p, x: x * 12.0 if p[-1].key in ("kernel", "embedding") else x, params)
+
+    def adapter(seed, rank, targets):
+        a = lora.init(params, jax.random.key(seed), rank=rank, targets=targets, alpha=2 * rank)
+        w = jax.tree.map(lambda x: jax.random.normal(jax.random.key(seed + 1), x.shape) * 0.3, a.weights)
+        return lora.Adapter(w, alpha=a.alpha, rslora=False, targets=a.targets)
+
+    return params, {"a": adapter(1, 4, "square"), "b": adapter(5, 8, "all-linear")}
+
+
+class Collect:
+    def __init__(self, expected: int):
+        self.tokens, self.reasons, self.left = {}, {}, threading.Semaphore(0)
+
+    def sink(self, key):
+        outer = self
+
+        class Sink:
+            def __call__(self, token):
+                outer.tokens.setdefault(key, []).append(int(token))
+                return True
+
+            def done(self, reason):
+                outer.reasons[key] = reason
+                outer.left.release()
+        return Sink()
+
+
+def test_every_request_gets_what_generate_gives_it_alone(tiny):
+    params, adapters = tiny
+    engine = Engine(params, TINY, max_batch=4, max_seq_len=128, eos_token_id=None)
+    for name, a in adapters.items():
+        engine.adapters.add(name, a)
+    models = [None, "a", "b", "a+0.5*b"]
+    rng = np.random.default_rng(0)
+    jobs = []
+    for i in range(11):  # more requests than slots: slots are reused, the cache grows past 64 and shrinks again
+        prompt = rng.integers(0, TINY.vocab_size, int(rng.integers(3, 70))).tolist()
+        sampling = Sampling(max_tokens=int(rng.integers(5, 40)), temperature=0.0 if i % 2 == 0 else 0.9, seed=i,
+                            top_k=[50, 0, 10][i % 3], top_p=[0.9, 1.0][i % 2], repetition_penalty=[1.0, 1.3][i % 2])
+        jobs.append((prompt, models[i % 4], sampling))
+    out = Collect(len(jobs))
+    engine.start()
+    try:
+        for i, (prompt, model, sampling) in enumerate(jobs):
+            engine.submit(prompt, model, sampling, out.sink(i))
+        for _ in jobs:
+            assert out.left.acquire(timeout=300)
+    finally:
+        engine.stop()
+    merged = {None: params, "a": lora.merge(params, adapters["a"]), "b": lora.merge(params, adapters["b"]),
+              "a+0.5*b": lora.merge(params, lora.combine([adapters["a"], adapters["b"]], [1.0, 0.5]))}
+    for i, (prompt, model, s) in enumerate(jobs):
+        ref = generate(merged[model], TINY, np.asarray([prompt]), max_new_tokens=s.max_tokens,
+                       do_sample=s.temperature > 0, temperature=s.temperature or 1.0, top_p=s.top_p, top_k=s.top_k,
+                       repetition_penalty=s.repetition_penalty, eos_token_id=None, seed=s.seed)
+        assert out.tokens[i] == ref[0, len(prompt):].tolist(), (i, model, s)
+        assert out.reasons[i] == "length"
+    assert engine.stats["steps"] < sum(s.max_tokens for _, _, s in jobs)  # requests did share steps
+    assert engine.adapters.compiles == 2  # the stack grew twice: b's modules, then the mix's rank (4 + 8 > 8)
+
+
+def test_requests_that_do_not_fit_are_refused_before_queueing(tiny):
+    params, _ = tiny
+    engine = Engine(params, TINY, max_batch=2, max_seq_len=32)
+    with pytest.raises(ContextError):
+        engine.submit(list(range(32)))
+    with pytest.raises(ContextError):
+        engine.submit(list(range(10)), sampling=Sampling(max_tokens=23))
+    with pytest.raises(KeyError):
+        engine.submit([1, 2], adapter="missing")
+    with pytest.raises(ValueError):
+        engine.submit([1, 200])
+    with pytest.raises(ValueError):
+        Sampling(max_tokens=0)
+    assert not engine.waiting
+
+
+def test_an_unloaded_adapter_stays_for_the_requests_that_hold_it(tiny):
+    params, adapters = tiny
+    stack = AdapterStack(params, TINY, capacity=2)
+    stack.add("a", adapters["a"])
+    key, handle = stack.hold("a")
+    stack.remove("a")
+    with pytest.raises(KeyError):
+        stack.hold("a")
+    stack.add("a", adapters["b"])  # a new "a" takes another index; the held one keeps its own
+    _, new = stack.hold("a")
+    assert new.index != handle.index
+    arrays = stack.arrays()
+    q = arrays.weights["model"]["layers_0"]["self_attn"]["q_proj"]
+    np.testing.assert_allclose(q["A"][handle.index, :, :4], adapters["a"].weights["model"]["layers_0"]["self_attn"]
+                               ["q_proj"]["A"])
+    stack.release(handle)  # its index is free now
+    stack.add("c", adapters["a"])
+    assert stack.hold("c")[1].index == handle.index
+
+
+def test_mix_names():
+    assert parse_mix("a+0.5*b") == [(1.0, "a"), (0.5, "b")]
+    assert parse_mix(" lora_x + 2e-1 * lora-y ") == [(1.0, "lora_x"), (0.2, "lora-y")]
+    for bad in ("a+", "*b", "a+-1*b", "a b"):
+        with pytest.raises(ValueError):
+            parse_mix(bad)
