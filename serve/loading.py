@@ -79,9 +79,15 @@ def adapter_name(path, hidden_size: int, use_moe: bool) -> str:
 
 
 def scan_lora_dir(lora_dir) -> list[Path]:
-    """The adapters directly inside `lora_dir`: orbax .ckpt dirs, MiniMind .pth / .safetensors, PEFT dirs."""
+    """The adapters directly inside `lora_dir`: orbax .ckpt dirs, MiniMind .pth / .safetensors, PEFT dirs (a link
+    that leads outside it is skipped, as a request for it would be refused)."""
     found = []
     for p in sorted(Path(lora_dir).iterdir()):
+        try:
+            inside(lora_dir, p.name)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"[serve] skipped {p}: {e}", file=sys.stderr)
+            continue
         if p.is_dir() and (p.suffix == ".ckpt" or (p / "adapter_config.json").is_file()):
             found.append(p)
         elif p.is_file() and p.suffix in ADAPTER_SUFFIXES:

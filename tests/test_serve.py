@@ -45,6 +45,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _start(args: list, out, **env_extra) -> tuple[subprocess.Popen, str]:
+    """`python -m serve.openai ARGS` on a free port, once /health answers -> (process, base url)."""
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **env_extra)
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "serve.openai", *args, "--port", str(port)], env=env, stdout=out,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}")
+        time.sleep(0.5)
+    proc.kill()
+    raise AssertionError("server did not start in 300 s")
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """A running server: tiny base file, adapters alpha (.ckpt) and beta (MiniMind .pth) in --lora_dir, gamma
@@ -64,25 +85,13 @@ def served(tmp_path_factory):
     (d / "loras" / "escape.ckpt").symlink_to(d / "gamma.ckpt")
     (d / "loras" / "sub").mkdir()
     convert.save_adapter(adapters["gamma"], d / "loras" / "sub" / "gamma_64.ckpt", config=CONFIG, params=params)
-    port = _free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", MINIMIND_API_KEY=KEY)
-    env.pop("XLA_FLAGS", None)
     log = open(d / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "serve.openai", "--weight", str(d / "base.safetensors"),
-                             "--lora_dir", str(d / "loras"), "--hidden_size", "64", "--port", str(port),
-                             "--max_batch", "4", "--max_seq_len", "256"], env=env, stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, (d / "server.log").read_text()
-            time.sleep(0.5)
-        else:
-            raise AssertionError("server did not start: " + (d / "server.log").read_text())
+        proc, url = _start(["--weight", str(d / "base.safetensors"), "--lora_dir", str(d / "loras"), "--hidden_size",
+                            "64", "--max_batch", "4", "--max_seq_len", "256"], log, MINIMIND_API_KEY=KEY)
+    except AssertionError as e:
+        raise AssertionError(f"{e}: {(d / 'server.log').read_text()}") from None
+    try:
         yield {"url": url, "params": params, "adapters": adapters, "dir": d, "proc": proc}
     finally:
         proc.terminate()
@@ -208,7 +217,7 @@ def test_api_key_is_required_except_for_health(served):
 
 def test_models_lists_base_and_adapters(served):
     models = {m.id: m for m in _client(served).models.list().data}
-    assert {"minimind", "alpha", "beta"} <= set(models)
+    assert {"minimind", "alpha", "beta"} <= set(models) and "escape" not in models  # a link out of --lora_dir
     assert models["alpha"].model_extra["rank"] == 4 and models["beta"].model_extra["rank"] == 8
 
 
@@ -298,3 +307,31 @@ def test_stop_strings_cut_the_text(served, tokenizer):
                 events.append(json.loads(line[6:]))
     assert "".join(e["choices"][0]["text"] for e in events if e["choices"]) == full[:full.index(stop)]
     assert events[-1]["usage"]["completion_tokens"] > 0
+
+
+def test_an_adapter_trained_over_a_random_base_is_served_over_that_base(tmp_path, tokenizer):
+    """No --weight: the server rebuilds the random base the first adapter records (train.lora's demo), so its
+    greedy answer is generate's over that base with the adapter merged."""
+    config = MiniMindConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    params = init_params(config, 42)
+    adapter = _adapter(params, 3, 4, "all-linear")
+    path = convert.save_adapter(adapter, tmp_path / "lora_identity_32.ckpt", config=config, params=params,
+                                metadata={"base_random_seed": 42, "base_weight": None})
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        proc, url = _start(["--lora", str(path), "--hidden_size", "32", "--max_batch", "2", "--max_seq_len", "128"],
+                           out)
+    try:
+        r = httpx.post(url + "/v1/chat/completions", json={"model": "lora_identity", "temperature": 0,
+                                                           "max_tokens": 10,
+                                                           "messages": [{"role": "user", "content": "你是谁？"}]})
+        ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "你是谁？"}],
+                                                             add_generation_prompt=True))
+        ref = generate(lora.merge(params, adapter), config, np.asarray([ids]), max_new_tokens=10, do_sample=False,
+                       eos_token_id=tokenizer.eos_token_id)
+        assert r.json()["choices"][0]["message"]["content"] == tokenizer.decode(ref[0, len(ids):].tolist(),
+                                                                                 skip_special_tokens=True)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert "the random-init base" in log.read_text() and "seed 42" in log.read_text()

@@ -416,7 +416,8 @@ def test_chat_answers_with_the_trained_adapter_over_its_random_base(tiny_data, t
     from serve import chat
 
     out = _cli(tiny_data, tmp_path, "--max_new_tokens", "6", "--prompts", "你是谁？")
-    capsys.readouterr()
+    printed = capsys.readouterr()
+    assert f"python -m serve.openai --lora lora_identity={out['adapter_path']}" in printed.out + printed.err
     chat.main(["--lora", out["adapter_path"], "--prompt", "你是谁？", "--greedy", "--max_new_tokens", "6",
                "--show_speed", "0"])
     got = capsys.readouterr()

@@ -293,15 +293,23 @@ def _save(job: Job, state, epoch: int, s: int, g: int) -> str:
     return f"{job.adapter_file} (epoch {epoch + 1}, step {s}; resume state {job.resume.directory}/{g})"
 
 
+def _base_flags(cfg: RunConfig) -> list:
+    """The flags that give serve.chat / serve.openai this run's base (a random base is rebuilt from the seed the
+    adapter records, so it needs none)."""
+    flags = [] if cfg.random_base else [f"--weight {cfg.from_weight}"]
+    return flags + ([f"--tokenizer {cfg.tokenizer}"] if cfg.tokenizer else [])
+
+
 def chat_command(cfg: RunConfig, adapter_file: Path) -> str:
-    """The serve.chat command that answers with this adapter over the same base (a random base is rebuilt from the
-    seed recorded in the adapter)."""
-    cmd = ["python -m serve.chat", f"--lora {adapter_file}"]
-    if not cfg.random_base:
-        cmd.append(f"--weight {cfg.from_weight}")
-    if cfg.tokenizer:
-        cmd.append(f"--tokenizer {cfg.tokenizer}")
-    return " ".join(cmd + [f"--prompt {cfg.prompt_list[0] if cfg.prompt_list else PROMPTS[0]!r}", "--greedy"])
+    """The serve.chat command that answers with this adapter over the same base."""
+    prompt = cfg.prompt_list[0] if cfg.prompt_list else PROMPTS[0]
+    return " ".join(["python -m serve.chat", f"--lora {adapter_file}", *_base_flags(cfg), f"--prompt {prompt!r}",
+                     "--greedy"])
+
+
+def serve_command(cfg: RunConfig, adapter_file: Path) -> str:
+    """The serve.openai command that serves this adapter (as `model: "<lora_name>"`) over the same base."""
+    return " ".join(["python -m serve.openai", f"--lora {cfg.lora_name}={adapter_file}", *_base_flags(cfg)])
 
 
 def finish(job: Job, state, history: list, metrics_path: Path, steps: int, answers_before: list,
@@ -319,5 +327,6 @@ def finish(job: Job, state, history: list, metrics_path: Path, steps: int, answe
     summary["answers_after"] = _answers(job, state, "[after] ") if cfg.prompt_list else []
     log(f"saved adapter {job.adapter_file}; metrics {metrics_path}; total time {time.time() - t_start:.0f}s")
     log(f"chat with it: {chat_command(cfg, job.adapter_file)}")
+    log(f"serve it (OpenAI API, model \"{cfg.lora_name}\"): {serve_command(cfg, job.adapter_file)}")
     summary.update(adapter=state.adapter, updates=int(jax.device_get(state.updates)))
     return summary
