@@ -155,28 +155,48 @@ def _resize(cache, *, length):
     return [{"k": fit(c["k"], 2), "v": fit(c["v"], 1)} for c in cache]
 
 
+def _pick(logits, seen, rows, knobs, statics):
+    """The next token of each row (logits [R, V], `rows` [R]: their rows of `seen` [B, V]) by its group's rules,
+    marked in `seen` for the repetition penalty. knobs: per row (seed, step, temperature, top_p, penalty, group);
+    statics[group] the compile-time choices of the group."""
+    seeds, steps, temperature, top_p, penalty, group = knobs
+    seen_rows = seen[rows]
+    draw = lambda s, n: jax.random.uniform(jax.random.fold_in(jax.random.key(s), n), (1,), jnp.float32)[0]
+    u = jax.vmap(draw)(seeds, steps)
+    values = Knobs(temperature, top_p, penalty, jnp.int32(-1))
+    tokens = jnp.zeros(rows.shape, jnp.int32)
+    for g, static in enumerate(statics):
+        chosen = select_tokens_u(logits, seen_rows, u if static.do_sample else None, values, static)
+        tokens = jnp.where(group == g, chosen, tokens)
+    return tokens, seen.at[rows, tokens].set(True)
+
+
+_select = jax.jit(_pick, static_argnames=("statics",), donate_argnames=("seen",))
+
+
 @partial(jax.jit, static_argnames=("config", "dtype"), donate_argnames=("cache",))
 def _step(params, stack, adapter_ids, cache, tokens, positions, *, config, dtype):
-    """One decode step for every slot: tokens [B] fed at positions [B] -> (logits [B, V], cache)."""
+    """One decode step for every slot: tokens [B] fed at positions [B] -> (logits [B, V], cache). The token choice
+    is a separate small program (`_select`), so a request with new sampling choices never recompiles the model."""
     model = MiniMindForCausalLM(config, dtype)
     out = model.apply(_variables(params, _branch(stack, adapter_ids)), tokens[:, None],
                       cache={"layers": cache, "index": positions})
     return out.logits[:, -1], out.cache["layers"]
 
 
-@partial(jax.jit, static_argnames=("statics",), donate_argnames=("seen",))
-def _select(logits, seen, rows, seeds, steps, temperature, top_p, penalty, group, *, statics):
-    """The next token of each row (logits [R, V], `rows` [R]: their slots in `seen` [B, V]) by its group's rules
-    (statics[group[r]]); marks it in `seen` for the repetition penalty."""
-    seen_rows = seen[rows]
-    draw = lambda s, n: jax.random.uniform(jax.random.fold_in(jax.random.key(s), n), (1,), jnp.float32)[0]
-    u = jax.vmap(draw)(seeds, steps)
-    knobs = Knobs(temperature, top_p, penalty, jnp.int32(-1))
-    tokens = jnp.zeros(rows.shape, jnp.int32)
-    for g, static in enumerate(statics):
-        pick = select_tokens_u(logits, seen_rows, u if static.do_sample else None, knobs, static)
-        tokens = jnp.where(group == g, pick, tokens)
-    return tokens, seen.at[rows, tokens].set(True)
+def _knobs(reqs) -> tuple[tuple, tuple]:
+    """Per-row sampling arrays for `_pick` and the sorted compile-time groups (reqs[j] None: an empty slot)."""
+    n = len(reqs)
+    statics = sorted({r.sampling.static for r in reqs if r is not None}) or [Sampling(temperature=0).static]
+    group, seeds, steps = np.zeros(n, np.int32), np.zeros(n, np.uint32), np.zeros(n, np.int32)
+    temperature, top_p, penalty = np.ones(n, np.float32), np.ones(n, np.float32), np.ones(n, np.float32)
+    for j, r in enumerate(reqs):
+        if r is not None:
+            sp = r.sampling
+            group[j], seeds[j], steps[j] = statics.index(sp.static), r.seed, r.generated
+            temperature[j], top_p[j], penalty[j] = sp.temperature, sp.top_p, sp.repetition_penalty
+    knobs = tuple(jnp.asarray(x) for x in (seeds, steps, temperature, top_p, penalty, group))
+    return knobs, tuple(statics)  # one compile per set of groups, in any order
 
 
 def _pow2(n: int, minimum: int) -> int:
@@ -258,6 +278,34 @@ class Engine:
     def active(self) -> int:
         return sum(s is not None for s in self.slots)
 
+    def compile_all(self, samplings=(Sampling(temperature=0), Sampling())) -> int:
+        """Compile, before serving, what requests would otherwise compile on first use: the decode step for every
+        cache length, the prefill for every prompt bucket (with the adapter stack as it is now) and the token
+        choice for `samplings`. Call before `start`. -> the number of programs run."""
+        stack, n = self.adapters.arrays(), 0
+        lengths = [MIN_CACHE << i for i in range(16) if MIN_CACHE << i <= _pow2(self.max_seq_len, 2)]
+        for length in lengths or [self.cache_len]:
+            cache = init_cache(self.config, self.max_batch, length, self.dtype)["layers"]
+            zeros = jnp.zeros(self.max_batch, jnp.int32)
+            jax.block_until_ready(_step(self.params, stack, zeros - 1, cache, zeros, zeros, config=self.config,
+                                        dtype=self.dtype))
+            n += 1
+        buckets = sorted({min(16 << i, self.max_seq_len) for i in range(16) if 16 << i < 2 * self.max_seq_len})
+        for tb in buckets:
+            prompt = jnp.zeros((1, tb), jnp.int32)
+            jax.block_until_ready(_prefill(self.params, stack, jnp.full(1, -1, jnp.int32), prompt, jnp.int32(1),
+                                           config=self.config, dtype=self.dtype))
+            n += 1
+        reqs = [Request([0], None, None, s, lambda t: True) for s in samplings]
+        for rows in (1, self.max_batch):
+            for r in reqs:
+                knobs, statics = _knobs([r] * rows)
+                seen = jnp.zeros((rows, self.config.vocab_size), bool)
+                logits = jnp.zeros((rows, self.config.vocab_size))
+                jax.block_until_ready(_select(logits, seen, jnp.arange(rows), knobs, statics=statics))
+                n += 1
+        return n
+
     # -- the scheduler thread -------------------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
@@ -310,10 +358,11 @@ class Engine:
         kv, logits, seen_row = _prefill(self.params, stack, ids, jnp.asarray(prompt), jnp.int32(t),
                                         config=self.config, dtype=self.dtype)
         self._fit_cache(max(tb, t + 1))
-        token, seen_row = self._choose(logits, seen_row, [0], [req])
+        knobs, statics = _knobs([req])
+        token, seen_row = _select(logits, seen_row, jnp.zeros(1, jnp.int32), knobs, statics=statics)
         self.cache, self.seen = _insert(self.cache, self.seen, kv, seen_row, jnp.int32(slot))
         self.stats["prefills"] += 1
-        self.slots[slot] = _Slot(req, t, int(token[0]), index)
+        self.slots[slot] = _Slot(req, t, int(np.asarray(token)[0]), index)
         self._deliver(slot)
 
     def _decode(self) -> None:
@@ -327,30 +376,15 @@ class Engine:
             tokens[i], positions[i], adapter_ids[i] = s.token, s.pos, s.adapter_index
         logits, self.cache = _step(self.params, self.adapters.arrays(), jnp.asarray(adapter_ids), self.cache,
                                    jnp.asarray(tokens), jnp.asarray(positions), config=self.config, dtype=self.dtype)
-        chosen, self.seen = self._choose(logits, self.seen, list(range(self.max_batch)),
-                                         [s.req if s is not None else None for s in self.slots])
+        knobs, statics = _knobs([s.req if s is not None else None for s in self.slots])
+        chosen, self.seen = _select(logits, self.seen, jnp.arange(self.max_batch), knobs, statics=statics)
+        chosen = np.asarray(chosen)
         self.stats["steps"] += 1
         self.stats["busy_slot_steps"] += len(live)
         for i in live:
             s = self.slots[i]
             s.pos, s.token = s.pos + 1, int(chosen[i])
             self._deliver(i)
-
-    def _choose(self, logits, seen, rows, reqs):
-        """Tokens for rows `rows` of `seen` (reqs[j]: the request of row j, or None for an empty slot)."""
-        n = len(rows)
-        statics = sorted({r.sampling.static for r in reqs if r is not None})  # one compile per set, in any order
-        group, seeds, steps = np.zeros(n, np.int32), np.zeros(n, np.uint32), np.zeros(n, np.int32)
-        temperature, top_p, penalty = np.ones(n, np.float32), np.ones(n, np.float32), np.ones(n, np.float32)
-        for j, r in enumerate(reqs):
-            if r is not None:
-                sp = r.sampling
-                group[j], seeds[j], steps[j] = statics.index(sp.static), r.seed, r.generated
-                temperature[j], top_p[j], penalty[j] = sp.temperature, sp.top_p, sp.repetition_penalty
-        tokens, seen = _select(logits, seen, jnp.asarray(rows, jnp.int32), jnp.asarray(seeds), jnp.asarray(steps),
-                               jnp.asarray(temperature), jnp.asarray(top_p), jnp.asarray(penalty), jnp.asarray(group),
-                               statics=tuple(statics) or (Sampling(temperature=0).static,))
-        return np.asarray(tokens), seen
 
     def _fit_cache(self, needed: int = 0) -> None:
         """Grow the cache to hold `needed` slots and every running request's next one, or shrink it to the

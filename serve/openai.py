@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
+import time
 
 import convert
 from minimind_jax.config import compute_dtype
@@ -55,7 +55,8 @@ def parse_args(argv=None):
     a("--temperature", type=float, default=0.85, help="default when a request sends none")
     a("--top_p", type=float, default=0.95, help="default when a request sends none")
     a("--top_k", type=int, default=50, help="default when a request sends none (0: off)")
-    a("--warmup", type=int, default=1, choices=[0, 1], help="compile before accepting requests")
+    a("--warmup", type=int, default=1, choices=[0, 1], help="compile every shape before accepting requests "
+                                                             "(0: each on first use, pausing the running ones)")
     return ap.parse_args(argv)
 
 
@@ -101,31 +102,6 @@ def setup(args):
     return engine, tokenizer
 
 
-class _Countdown:
-    """A sink that ignores tokens and counts finished requests."""
-
-    def __init__(self):
-        self.finished = threading.Semaphore(0)
-
-    def __call__(self, token: int) -> bool:
-        return True
-
-    def done(self, reason: str) -> None:
-        self.finished.release()
-
-
-def warm_up(engine: Engine, args) -> None:
-    """Compile the prefill, the step and the selections a first request needs, before the port opens."""
-    sink, n = _Countdown(), 0
-    for name in [None] + list(engine.adapters.names())[:1]:
-        for temperature in (0.0, args.temperature):
-            engine.submit([1, 2, 3], name, Sampling(max_tokens=2, temperature=temperature, top_p=args.top_p,
-                                                    top_k=args.top_k), sink)
-            n += 1
-    for _ in range(n):
-        sink.finished.acquire()
-
-
 def main(argv=None):
     import uvicorn
 
@@ -136,9 +112,13 @@ def main(argv=None):
         engine, tokenizer = setup(args)
     except (FileNotFoundError, ValueError, convert.CheckpointError) as e:
         raise SystemExit(f"error: {e}") from None
-    engine.start()
     if args.warmup:
-        warm_up(engine, args)
+        t0 = time.perf_counter()
+        n = engine.compile_all([Sampling(temperature=0), Sampling(temperature=args.temperature, top_p=args.top_p,
+                                                                  top_k=args.top_k)])
+        print(f"[serve] compiled {n} programs (decode for every cache length up to {args.max_seq_len}, prefill for "
+              f"every prompt bucket) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    engine.start()
     app = build_app(engine, tokenizer, model_name=args.model_name, lora_dir=args.lora_dir, api_key=args.api_key,
                     load_adapter=lambda p: load_adapter_file(p, engine.params, engine.config),
                     defaults={"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k})

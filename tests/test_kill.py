@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import numpy as np
 import pytest
 
 import convert
+from train.resume import ResumeManager
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,3 +114,81 @@ def test_sigterm_saves_the_last_step_and_exits(tiny, reference, tmp_path):
     for got, want in zip(_weights(tmp_path), ref_weights):
         np.testing.assert_array_equal(got, want)
     assert _steps(tmp_path) == ref_steps
+
+
+def _pages(path: Path) -> int:
+    """4 KiB pages the files under `path` take on a tmpfs (what its size= limit counts)."""
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+    return sum(-(-f.stat().st_size // 4096) for f in files)
+
+
+def _unshare() -> list:
+    """The command that runs a shell in a new mount namespace where this (maybe unprivileged) user may mount a
+    tmpfs, or pytest.skip when there is none (no unshare, user namespaces off)."""
+    if not shutil.which("unshare"):
+        pytest.skip("no unshare(1): cannot mount a small tmpfs to fill")
+    for cmd in ([["unshare", "--mount"]] if os.geteuid() == 0 else []) + [["unshare", "--mount", "--map-root-user"]]:
+        probe = subprocess.run([*cmd, "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt 2>&1 || "
+                                "mount -t tmpfs -o size=64k tmpfs /tmp"], capture_output=True, text=True)
+        if probe.returncode == 0:
+            return cmd
+    pytest.skip(f"cannot mount a tmpfs in a mount namespace here ({probe.stdout.strip() or probe.stderr.strip()})")
+
+
+def test_disk_full_while_saving_keeps_the_last_checkpoint(tiny, reference, tmp_path):
+    """A real full disk: the run writes into a tmpfs (mounted in a private mount namespace) that holds the first
+    checkpoint and half of the next, so the second save fails with ENOSPC. It exits 1 with one `error:` line, no
+    traceback, and leaves the first checkpoint complete (no partial step directory, no temporary adapter). Then
+    space is freed (the same tmpfs remounted larger) and `--from_resume 1` finishes the uninterrupted run's
+    adapter bit for bit, every step's metrics once."""
+    ref_weights, ref_steps = reference
+    ns = _unshare()
+    ref = tiny / "ref"
+    resume_steps = [d for d in (ref / "checkpoints" / "lora_identity_32_resume").iterdir() if d.name.isdigit()]
+    # a resume step takes 24 to 32 pages here (orbax splits its data files differently from step to step), the
+    # adapter 11 or 12, the metrics 1: room for the first checkpoint with a third of a step to spare, so the second
+    # step's resume state (saved first) cannot fit beside the first
+    step_pages = max(_pages(d) for d in resume_steps)
+    kib = 4 * (step_pages + step_pages // 3 + _pages(ref / "lora_identity_32.ckpt") + 1 + 2)
+    disk, full, freed = tmp_path / "disk", tmp_path / "full", tmp_path / "freed"
+    for d in (disk, full, freed):
+        d.mkdir()
+    save_dir = disk / "out"
+    script = "\n".join([
+        f"mount -t tmpfs -o size={kib}k tmpfs {disk} || exit 97",
+        f"{shlex.join(_cmd(tiny, save_dir))} > {tmp_path}/full.log 2>&1; echo $? > {tmp_path}/full.rc",
+        f"cp -a {save_dir}/. {full}/",
+        f"mount -o remount,size=64m {disk} || exit 98",  # free space
+        f"{shlex.join(_cmd(tiny, save_dir, '--from_resume', '1'))} > {tmp_path}/freed.log 2>&1; "
+        f"echo $? > {tmp_path}/freed.rc",
+        f"cp -a {save_dir}/. {freed}/"])
+    r = subprocess.run([*ns, "sh", "-c", script], env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr)
+
+    out = (tmp_path / "full.log").read_text()
+    errors = [x for x in out.splitlines() if x.startswith("error:")]
+    assert (tmp_path / "full.rc").read_text().strip() == "1", out[-3000:]
+    assert len(errors) == 1 and "Traceback" not in out and "ERROR" not in out, out[-3000:]
+    resume = save_dir / "checkpoints" / "lora_identity_32_resume"
+    assert errors[0].startswith(f"error: no space left on device while saving step 2/4 of epoch 1/2 (global step 2) "
+                                f"to {resume}/2 (the partial save is removed); the last complete checkpoint is "
+                                f"intact: {save_dir}/lora_identity_32.ckpt (epoch 1, step 1; resume state "
+                                f"{resume}/1); free space, then --from_resume 1 continues"), errors[0]
+    # what the full disk holds: the first checkpoint, complete, and nothing half-written beside it
+    assert sorted(p.name for p in full.iterdir()) == ["checkpoints", "lora_identity_32.ckpt",
+                                                      "lora_identity_metrics.jsonl"]
+    assert sorted(p.name for p in (full / "checkpoints" / "lora_identity_32_resume").iterdir()) == ["1"]
+    assert convert.read_adapter_metadata(full / "lora_identity_32.ckpt")["step"] == 1
+    convert.load_adapter(full / "lora_identity_32.ckpt")
+    manager = ResumeManager(full / "checkpoints" / "lora_identity_32_resume")
+    try:
+        assert manager.latest_step() == 1 and manager.read_meta(1)["step"] == 1
+    finally:
+        manager.close()
+
+    out = (tmp_path / "freed.log").read_text()
+    assert (tmp_path / "freed.rc").read_text().strip() == "0", out[-3000:]
+    assert "resumed from " + f"{resume}/1: epoch 1, step 2" in out, out[-3000:]
+    for got, want in zip(_weights(freed), ref_weights):
+        np.testing.assert_array_equal(got, want)
+    assert _steps(freed) == ref_steps

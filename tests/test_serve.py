@@ -319,7 +319,8 @@ def test_an_adapter_trained_over_a_random_base_is_served_over_that_base(tmp_path
                                 metadata={"base_random_seed": 42, "base_weight": None})
     log = tmp_path / "server.log"
     with open(log, "w") as out:
-        proc, url = _start(["--lora", str(path), "--hidden_size", "32", "--max_batch", "2", "--max_seq_len", "128"],
+        proc, url = _start(["--lora", str(path), "--hidden_size", "32", "--max_batch", "2", "--max_seq_len", "128",
+                            "--warmup", "0"],
                            out)
     try:
         r = httpx.post(url + "/v1/chat/completions", json={"model": "lora_identity", "temperature": 0,
