@@ -38,8 +38,8 @@ from train import config as config_lib
 from train.config import RunConfig
 from train.data import DataError
 from train.interrupt import Interrupted
-from train.resume import ResumeError
-from train.run import TrainingDiverged, run
+from train.resume import ResumeError, disk_full
+from train.run import DiskFull, TrainingDiverged, run
 
 
 def build_parser():
@@ -47,11 +47,45 @@ def build_parser():
     return config_lib.build_parser(__doc__)
 
 
+class _DiskFullLogs(logging.Filter):
+    """Orbax logs a failed write from each of its threads, with a traceback; a full disk is reported once, by the
+    `error:` line below, so those records are dropped (every other record passes)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (record.levelno >= logging.ERROR and (disk_full(exc) or disk_full(Exception(record.getMessage()))))
+
+
+def _quiet_closed_loops(hook):
+    """sys.unraisablehook without tensorstore's 'Event loop is closed': when one of orbax's array writes fails
+    (a full disk), orbax leaves the event loop that awaited the others, and their completions, arriving later on
+    tensorstore's threads, can no longer be delivered: nothing is waiting for them."""
+
+    def quiet(u):
+        if not (u.object is None and isinstance(u.exc_value, RuntimeError)
+                and str(u.exc_value) == "Event loop is closed"):
+            hook(u)
+
+    return quiet
+
+
+def _exit_now(line: str) -> None:
+    """Print the error line and leave at once: a normal exit would wait in jax.distributed's shutdown barrier for
+    a dead process, or let orbax's abandoned writes print tracebacks while the interpreter shuts down."""
+    print(line, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
+
+
 def main(argv: Optional[list] = None) -> dict:
     cfg = RunConfig.from_argv(argv, description=__doc__)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").addFilter(_DiskFullLogs())
+    sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
     try:
         return run(cfg)
+    except DiskFull as e:  # the failed save left the last complete checkpoint as it was; the message says which
+        _exit_now(f"error: {e}")
     # What a user can fix (a bad data line or file, unreadable weights, a run that diverged): one line, no traceback.
     except (DataError, ResumeError, convert.CheckpointError, FileNotFoundError, TrainingDiverged) as e:
         raise SystemExit(f"error: {e}") from None
@@ -62,6 +96,8 @@ def main(argv: Optional[list] = None) -> dict:
         print("interrupted before training started: nothing saved", file=sys.stderr)
         raise SystemExit(128 + signal.SIGINT) from None
     except Exception as e:
+        if disk_full(e):  # outside the loop's writes (the loss curve): it is not a checkpoint
+            _exit_now(f"error: no space left on device ({type(e).__name__}: {(str(e).strip() or '?').splitlines()[0]})")
         if jax.process_count() == 1:
             raise
         # Several processes: a failed collective means another process is gone. Say so in one line and leave at

@@ -7,10 +7,15 @@
   through an orbax CheckpointManager (keeps the last 2). Each step directory holds `state` (adapter, optimizer
   state, gradient accumulator, counters, RNG key) and `meta` (JSON: data position, epoch, run settings). Orbax
   writes into `<step>.orbax-checkpoint-tmp-*` and renames when complete, so an interrupted save leaves only a tmp
-  directory, which `latest_step` never lists.
+  directory, which `latest_step` never lists (and a save that fails removes it: see `save`).
+- A full disk: `disk_full(exc)` recognises ENOSPC (or a full quota) however it reaches the trainer (an OSError from a
+  Python write, or tensorstore's RESOURCE_EXHAUSTED for orbax's array writes); train.run turns it into `DiskFull`,
+  which names what was being saved and the last complete checkpoint.
 """
 from __future__ import annotations
 
+import errno
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,6 +33,28 @@ def adapter_path(save_dir, lora_name: str, config) -> Path:
 
 def resume_dir(save_dir, lora_name: str, config) -> Path:
     return Path(save_dir) / "checkpoints" / f"{run_stem(lora_name, config)}_resume"
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_NO_SPACE_TEXT = ("No space left on device", "Disk quota exceeded", *(f"os_error_code='{n}'" for n in _NO_SPACE))
+
+
+def disk_full(exc: Optional[BaseException]) -> bool:
+    """Did `exc` come from a full disk (or quota)? Its chain (cause, context, exception groups) is searched:
+    Python writes raise OSError(ENOSPC); tensorstore, which writes orbax's arrays, raises ValueError
+    'RESOURCE_EXHAUSTED: ... No space left on device [os_error_code='28']'."""
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _NO_SPACE:
+            return True
+        if any(t in str(e) for t in _NO_SPACE_TEXT):
+            return True
+        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+    return False
 
 
 class ResumeError(ValueError):
@@ -48,9 +75,16 @@ class ResumeManager:
         return self.manager.latest_step()
 
     def save(self, step: int, state_tree, meta: dict) -> None:
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state_tree),
-                                                        meta=ocp.args.JsonSave(meta)), force=True)
-        self.manager.wait_until_finished()
+        """Write `step` (complete, or not at all: a failed save removes its partial temporary directory, which
+        frees what it had taken of a full disk; the steps saved before are untouched)."""
+        try:
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state_tree),
+                                                            meta=ocp.args.JsonSave(meta)), force=True)
+            self.manager.wait_until_finished()
+        except BaseException:
+            for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     def clear(self) -> list:
         """Delete every saved step (a fresh run replaces an earlier run's resume state, as MiniMind's overwrite)."""

@@ -31,7 +31,7 @@ from train.metrics import MetricsWriter, plot_loss
 from train.interrupt import Interrupted, StopRequests
 from train.prefetch import Prefetcher
 from train.prompts import answer
-from train.resume import ResumeError, ResumeManager, adapter_path, resume_dir
+from train.resume import ResumeError, ResumeManager, adapter_path, disk_full, resume_dir
 
 # Settings a resumed run must share with the run that wrote the state (else its batches or base would differ).
 RESUME_KEYS = ("batch_size", "pack", "batch_tokens", "group_by_length", "seed", "max_seq_len", "num_samples",
@@ -40,6 +40,11 @@ RESUME_KEYS = ("batch_size", "pack", "batch_tokens", "group_by_length", "seed", 
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+class DiskFull(RuntimeError):
+    """No space left on the device (or quota) while the run wrote its checkpoints or logs: the message names what
+    was being written and the last complete checkpoint, which a failed save leaves intact."""
 
 
 def log(msg: str) -> None:
@@ -216,10 +221,14 @@ def train_loop(job: Job, state, positions, metrics: MetricsWriter, on_step):
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
             if s % cfg.save_interval == 0 or end:
                 _check_finite(job, state.bad_step, last_saved)
-                last_saved, saved = _save(job, state, epoch, s, g), done
+                last_saved, saved = _save(job, state, epoch, s, g, last_saved), done
             if on_step is not None:
                 on_step(g, state)
         _check_finite(job, state.bad_step, last_saved)
+    except Exception as e:  # a full disk anywhere else (the metrics file): one line that says what is intact
+        if isinstance(e, DiskFull) or not disk_full(e):
+            raise
+        raise DiskFull(f"no space left on device ({_first_line(e)}); {_intact(last_saved)}") from e
     finally:
         stop.uninstall()
         prefetch.close()
@@ -242,7 +251,7 @@ def _stop(job: Job, state, signum: int, done, saved, last_saved) -> None:
     """SIGTERM / Ctrl-C: save the last finished step (unless just saved) and raise Interrupted."""
     if done is not None and done != saved:
         _check_finite(job, state.bad_step, last_saved)
-        last_saved = _save(job, state, *done)
+        last_saved = _save(job, state, *done, last_saved)
     name = signal.Signals(signum).name
     raise Interrupted(f"{name}: stopped after {'no step' if done is None else job.batches.where(done[2])}; "
                       + (f"saved {last_saved}; --from_resume 1 continues" if last_saved else "nothing saved"), signum)
@@ -280,17 +289,46 @@ def _check_finite(job: Job, bad_step, last_saved: Optional[str]) -> None:
                                f"{kept}")
 
 
-def _save(job: Job, state, epoch: int, s: int, g: int) -> str:
-    """Write the adapter (process 0) and the resume state after micro-step s of `epoch`; -> what was saved."""
+def _save(job: Job, state, epoch: int, s: int, g: int, last_saved: Optional[str]) -> str:
+    """Write the resume state (every process), then the adapter (process 0), after micro-step s of `epoch`; -> what
+    was saved. Each is complete or absent (orbax and convert.save_adapter write into temporary directories and
+    rename them), so a failed save leaves `last_saved` as it was; a full disk raises DiskFull saying so.
+    The resume state goes first: when it cannot be written, neither is the adapter, and both stay at last_saved."""
     nxt = (epoch + 1, 0) if s == job.batches.iters[epoch] else (epoch, s)  # where a resumed run starts
+    state_dir = f"{job.resume.directory}/{g}"
+    try:
+        job.resume.save(g, state.to_tree(), {"epoch": nxt[0], "step": nxt[1], "run": job.run_meta,
+                                             "loader": {**job.batches.loader.state_dict(), "epoch": nxt[0],
+                                                        "step": nxt[1]}})
+    except Exception as e:
+        if not disk_full(e):
+            raise
+        raise DiskFull(f"no space left on device while saving {job.batches.where(g)} to {state_dir} (the partial "
+                       f"save is removed); {_intact(last_saved)}") from e
     if jax.process_index() == 0:
         host = state.adapter.replace(weights=jax.tree.map(lambda x: np.asarray(jax.device_get(x)),
                                                           state.adapter.weights))
-        convert.save_adapter(host, job.adapter_file, metadata=job.adapter_meta(epoch + 1, s), overwrite=True)
-    job.resume.save(g, state.to_tree(), {"epoch": nxt[0], "step": nxt[1], "run": job.run_meta,
-                                         "loader": {**job.batches.loader.state_dict(), "epoch": nxt[0],
-                                                    "step": nxt[1]}})
-    return f"{job.adapter_file} (epoch {epoch + 1}, step {s}; resume state {job.resume.directory}/{g})"
+        try:
+            convert.save_adapter(host, job.adapter_file, metadata=job.adapter_meta(epoch + 1, s), overwrite=True)
+        except Exception as e:
+            if not disk_full(e):
+                raise
+            kept = f"it still holds the last complete one ({last_saved})" if last_saved else "none is there yet"
+            raise DiskFull(f"no space left on device while saving the adapter {job.adapter_file} (epoch "
+                           f"{epoch + 1}, step {s}); {kept}, and the resume state of this step ({state_dir}) is "
+                           "complete: free space, then --from_resume 1 continues from it") from e
+    return f"{job.adapter_file} (epoch {epoch + 1}, step {s}; resume state {state_dir})"
+
+
+def _intact(last_saved: Optional[str]) -> str:
+    if not last_saved:
+        return "nothing had been saved yet: free space and run again"
+    return f"the last complete checkpoint is intact: {last_saved}; free space, then --from_resume 1 continues from it"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def _base_flags(cfg: RunConfig) -> list:
