@@ -1,0 +1,120 @@
+"""The engine's compiled programs: prefill one request, copy it into a slot, one decode step for every slot, choose
+tokens, move a slot, resize the cache. Pure functions of explicit state (the KV cache per layer and the `seen` mask
+of the repetition penalty); the scheduler in engine.py owns which rows hold which request.
+
+Legend: R cache rows in use (a bucket of the slot count), S cache length, V vocab, K kv heads, H head_dim,
+T prompt bucket.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import lora
+from minimind_jax.model import MiniMindForCausalLM, init_cache
+from minimind_jax.sampling import Knobs, select_tokens_u
+
+
+def _variables(params, stack, adapter_ids):
+    """{"params"} plus the "lora" collection: row r gets stacked adapter adapter_ids[r] (-1: none)."""
+    if stack is None:
+        return {"params": params}
+    return {"params": params, "lora": lora.collection(stack, adapter_ids, batch=adapter_ids.shape[0])}
+
+
+@partial(jax.jit, static_argnames=("config", "dtype"))
+def prefill(params, stack, adapter_ids, prompt, length, *, config, dtype):
+    """prompt [1, T] (real tokens in [:, :length], right-padded) -> (kv per layer, last logits [1, V], seen [1, V])."""
+    model = MiniMindForCausalLM(config, dtype)
+    variables = _variables(params, stack, adapter_ids)
+    out = model.apply(variables, prompt, cache=init_cache(config, 1, prompt.shape[1], dtype), logits_to_keep=1)
+    h = jax.lax.dynamic_slice_in_dim(out.hidden_states, length - 1, 1, axis=1)  # [1, 1, D] at the last real token
+    logits = model.apply(variables, h, method=MiniMindForCausalLM.logits)[:, 0]
+    real = jnp.arange(prompt.shape[1]) < length
+    seen = jnp.zeros((1, config.vocab_size), bool).at[0, jnp.where(real, prompt[0], config.vocab_size)].set(
+        True, mode="drop")
+    return out.cache["layers"], logits, seen
+
+
+@partial(jax.jit, donate_argnames=("cache", "seen"))
+def insert(cache, seen, kv, seen_row, slot):
+    """Copy a prefill's kv (per layer k [K, H, T], v [K, T, H]) and seen row into slot `slot`'s rows."""
+    k_heads = kv[0]["k"].shape[0]
+    layers = [{"k": jax.lax.dynamic_update_slice(c["k"], n["k"].astype(c["k"].dtype), (slot * k_heads, 0, 0)),
+               "v": jax.lax.dynamic_update_slice(c["v"], n["v"].astype(c["v"].dtype), (slot * k_heads, 0, 0))}
+              for c, n in zip(cache, kv)]
+    return layers, jax.lax.dynamic_update_slice(seen, seen_row, (slot, 0))
+
+
+@partial(jax.jit, donate_argnames=("cache", "seen"))
+def move(cache, seen, src, dst):
+    """Slot `src`'s cache rows and seen row copied onto slot `dst`'s (compaction: running slots stay in front)."""
+    def copy(x):
+        k_heads = x.shape[0] // seen.shape[0]
+        rows = jax.lax.dynamic_slice_in_dim(x, src * k_heads, k_heads, axis=0)
+        return jax.lax.dynamic_update_slice_in_dim(x, rows, dst * k_heads, axis=0)
+    layers = [{"k": copy(c["k"]), "v": copy(c["v"])} for c in cache]
+    row = jax.lax.dynamic_slice_in_dim(seen, src, 1, axis=0)
+    return layers, jax.lax.dynamic_update_slice_in_dim(seen, row, dst, axis=0)
+
+
+@partial(jax.jit, static_argnames=("rows", "length"))
+def resize(cache, seen, *, rows, length):
+    """The cache with `rows` slots of `length` positions (zeros appended, or rows / positions past every running
+    request cut), and `seen` with `rows` rows."""
+    def fit(x, axis, n):
+        if n <= x.shape[axis]:
+            return jax.lax.slice_in_dim(x, 0, n, axis=axis)
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (0, n - x.shape[axis])
+        return jnp.pad(x, pad)
+    k_heads = cache[0]["k"].shape[0] // seen.shape[0]
+    layers = [{"k": fit(fit(c["k"], 2, length), 0, rows * k_heads),
+               "v": fit(fit(c["v"], 1, length), 0, rows * k_heads)} for c in cache]
+    return layers, fit(seen, 0, rows)
+
+
+@partial(jax.jit, static_argnames=("config", "dtype"), donate_argnames=("cache",))
+def step(params, stack, adapter_ids, cache, tokens, positions, *, config, dtype):
+    """One decode step for every row: tokens [R] fed at positions [R] -> (logits [R, V], cache). The token choice
+    is a separate small program (`select`), so a request with new sampling choices never recompiles the model."""
+    model = MiniMindForCausalLM(config, dtype)
+    out = model.apply(_variables(params, stack, adapter_ids), tokens[:, None],
+                      cache={"layers": cache, "index": positions})
+    return out.logits[:, -1], out.cache["layers"]
+
+
+def _pick(logits, seen, rows, knobs, statics):
+    """The next token of each row (logits [N, V], `rows` [N]: their rows of `seen`) by its group's rules, marked in
+    `seen` for the repetition penalty. knobs: per row (seed, step, temperature, top_p, penalty, group); statics[g]:
+    the compile-time choices of group g."""
+    seeds, steps, temperature, top_p, penalty, group = knobs
+    seen_rows = seen[rows]
+    draw = lambda s, n: jax.random.uniform(jax.random.fold_in(jax.random.key(s), n), (1,), jnp.float32)[0]
+    u = jax.vmap(draw)(seeds, steps)  # row r's draw at its step n: what generate draws for a one-row batch
+    values = Knobs(temperature, top_p, penalty, jnp.int32(-1))
+    tokens = jnp.zeros(rows.shape, jnp.int32)
+    for g, static in enumerate(statics):
+        chosen = select_tokens_u(logits, seen_rows, u if static.do_sample else None, values, static)
+        tokens = jnp.where(group == g, chosen, tokens)
+    return tokens, seen.at[rows, tokens].set(True)
+
+
+select = jax.jit(_pick, static_argnames=("statics",), donate_argnames=("seen",))
+
+
+def knobs_of(samplings, seeds, steps, greedy_static) -> tuple[tuple, tuple]:
+    """Per-row arrays for `select` and the sorted compile-time groups; samplings[j] None: an empty row."""
+    n = len(samplings)
+    statics = sorted({s.static for s in samplings if s is not None}) or [greedy_static]
+    group = np.zeros(n, np.int32)
+    temperature, top_p, penalty = np.ones(n, np.float32), np.ones(n, np.float32), np.ones(n, np.float32)
+    for j, sp in enumerate(samplings):
+        if sp is not None:
+            group[j] = statics.index(sp.static)
+            temperature[j], top_p[j], penalty[j] = sp.temperature, sp.top_p, sp.repetition_penalty
+    arrays = (np.asarray(seeds, np.uint32), np.asarray(steps, np.int32), temperature, top_p, penalty, group)
+    return tuple(jnp.asarray(x) for x in arrays), tuple(statics)  # one compile per set of groups, in any order
