@@ -296,7 +296,11 @@ class _Run:
                 yield reply.chunk(None, role=True)
             while self.finish is None:
                 kind, value = await self.sink.queue.get()
-                new = self._take(kind, value)
+                try:
+                    new = self._take(kind, value)
+                except ApiError as e:  # the status line is gone: the error goes in the stream, as OpenAI does
+                    yield _sse(error_body(e.message, kind="server_error", code=e.code))
+                    return
                 if new:
                     yield reply.chunk(new)
             yield reply.chunk(None, self.finish)

@@ -129,3 +129,30 @@ def test_mix_names():
     for bad in ("a+", "*b", "a+-1*b", "a b"):
         with pytest.raises(ValueError):
             parse_mix(bad)
+
+
+def test_a_failing_prefill_ends_its_request_and_the_engine_keeps_serving(tiny, monkeypatch):
+    from serve import programs
+
+    params, _ = tiny
+    engine = Engine(params, TINY, max_batch=2, max_seq_len=64, eos_token_id=None)
+    real, calls = programs.prefill, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("device lost")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(programs, "prefill", flaky)
+    out = Collect(2)
+    engine.start()
+    try:
+        engine.submit([1, 2, 3], sampling=Sampling(max_tokens=3, temperature=0), sink=out.sink("first"))
+        assert out.left.acquire(timeout=120)
+        engine.submit([1, 2, 3], sampling=Sampling(max_tokens=3, temperature=0), sink=out.sink("second"))
+        assert out.left.acquire(timeout=120)
+    finally:
+        engine.stop()
+    assert out.reasons == {"first": "error", "second": "length"} and len(out.tokens["second"]) == 3
+    assert "device lost" in repr(engine.error)
