@@ -152,8 +152,10 @@ def load_adapter(path: PathLike, params=None, config: ConfigLike = None, dtype: 
         adapter, meta = _from_ckpt(p, dtype)
         fp = meta.get("base_fingerprint")
         if params is not None and fp and fp != fingerprint(params):
-            warnings.warn(f"{p}: this adapter was trained on base weights with fingerprint {fp}, the params given "
-                          f"have {fingerprint(params)}: it may not do what it did in training",
+            trained_on = meta.get("base_weight") or (f"the random init of seed {meta['base_random_seed']}"
+                                                     if meta.get("base_random_seed") is not None else "a base")
+            warnings.warn(f"{p}: this adapter was trained on {trained_on} (fingerprint {fp}), the base given has "
+                          f"fingerprint {fingerprint(params)}: it may not do what it did in training",
                           BaseMismatchWarning, stacklevel=2)
     elif kind == "peft":
         adapter = adapter_from_peft(p, dtype)

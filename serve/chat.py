@@ -42,7 +42,7 @@ from minimind_jax.config import compute_dtype
 from minimind_jax.generate import generate_stream
 from minimind_jax.tokenizer import load_tokenizer
 
-from .loading import load_base
+from .loading import load_adapter_file, load_base
 
 PROMPTS = [  # eval_llm.py's auto-test prompts
     "你有什么特长？",
@@ -119,7 +119,7 @@ def load(args):
         except ValueError as e:
             raise SystemExit(str(e)) from None
         for path, w in zip(args.lora, weights):
-            adapter = convert.load_adapter(path, params=params, config=config)
+            adapter, _ = load_adapter_file(path, params, config, tag="chat")
             params = lora.merge(params, adapter, w)
             print(f"[chat] merged {path} (weight {w}, {len(adapter.modules())} modules)", file=sys.stderr)
     return config, params

@@ -52,7 +52,7 @@ def load_base(weight, config_path=None, *, adapter_path=None, family="minimind2"
 ADAPTER_SUFFIXES = (".ckpt", ".pth", ".pt", ".safetensors")
 
 
-def load_adapter_file(path, params, config) -> tuple:
+def load_adapter_file(path, params, config, tag: str = "serve") -> tuple:
     """-> (adapter, info): info has the path and, when the adapter records other base weights than `params`,
     a "warning" naming both (also printed)."""
     with warnings.catch_warnings(record=True) as caught:
@@ -62,7 +62,7 @@ def load_adapter_file(path, params, config) -> tuple:
     for w in caught:
         if issubclass(w.category, convert.BaseMismatchWarning):
             info["warning"] = str(w.message)
-            print(f"[serve] warning: {path}: {w.message}", file=sys.stderr)
+            print(f"[{tag}] warning: {w.message}", file=sys.stderr)
     return adapter, info
 
 

@@ -82,6 +82,9 @@ def served(tmp_path_factory):
     convert.save_adapter(adapters["alpha"], d / "loras" / "alpha_64.ckpt", config=CONFIG, params=params)
     convert.save_adapter(adapters["beta"], d / "loras" / "beta_64.pth")
     convert.save_adapter(adapters["gamma"], d / "gamma.ckpt", config=CONFIG, params=params)
+    other_base = init_params(CONFIG, 4)  # an adapter trained on other base weights: served, with a warning
+    convert.save_adapter(adapters["alpha"], d / "loras" / "other_64.ckpt", config=CONFIG, params=other_base,
+                         metadata={"base_weight": "other_base.pth"})
     (d / "loras" / "escape.ckpt").symlink_to(d / "gamma.ckpt")
     (d / "loras" / "sub").mkdir()
     convert.save_adapter(adapters["gamma"], d / "loras" / "sub" / "gamma_64.ckpt", config=CONFIG, params=params)
@@ -336,3 +339,16 @@ def test_an_adapter_trained_over_a_random_base_is_served_over_that_base(tmp_path
         proc.terminate()
         proc.wait(30)
     assert "the random-init base" in log.read_text() and "seed 42" in log.read_text()
+
+
+def test_an_adapter_of_another_base_is_served_with_a_visible_warning(served, capsys):
+    from serve import chat
+
+    models = {m.id: m for m in _client(served).models.list().data}
+    warning = models["other"].model_extra["warning"]
+    assert "other_base.pth" in warning and warning.count("sha256:") == 2 and "warning" not in models["alpha"].model_extra
+    assert "[serve] warning: " in (served["dir"] / "server.log").read_text()
+    chat.main(["--weight", str(served["dir"] / "base.safetensors"), "--lora", str(served["dir"] / "loras" /
+               "other_64.ckpt"), "--prompt", "hi", "--greedy", "--max_new_tokens", "2", "--show_speed", "0"])
+    err = capsys.readouterr().err
+    assert "[chat] warning: " in err and "other_base.pth" in err
