@@ -4,10 +4,15 @@ adapter by process 0, the resume state by every process) do not deadlock or cras
 number of processes; the multi-process commands of the README and of `python -m train.lora -h` are the ones run
 here.
 
-What is exact and what is not: the same total devices give the same global batch of samples, the same steps and
-the same data at each step, but each process packs its own share of a step's samples into rows, where one process
-packs them all, so the rows (and the order of the float additions of the loss and gradient sums, within a device
-and across processes) differ: losses and adapters agree to rtol 1e-5 (measured: ~1e-7 relative), not bit for bit.
+What is exact and what is not: the same total devices give the same global batch of samples, the same steps, the
+same data at each step and the same step count after a resume (all checked exactly), but each process packs its own
+share of a step's samples into rows where one process packs them all, so the rows, and with them the order of the
+float additions in the loss and gradient sums (within a device, and across processes by the collectives), differ.
+So losses and adapters are compared with rtol 1e-5 (adapters: atol 1e-6), not bit for bit. Measured on CPU (jax
+0.10): losses differ by at most 1.1e-7 relative; adapters by at most 5.5e-7 absolute (2 or 4 processes against one,
+and after a resume across topologies), all of it in q_proj, whose gradients are tiny here and which AdamW's
+normalisation amplifies (1.4e-5 of that leaf's largest element); a 1-process run resumed on 2 processes differed by
+1.5e-8.
 """
 from __future__ import annotations
 
@@ -178,7 +183,7 @@ def test_four_processes_train_like_one_with_four_devices(tiny):
     _assert_same_run(tiny / "four", tiny / "one4")
     assert sorted(p.name for p in (tiny / "four").iterdir()) == sorted(p.name for p in (tiny / "one4").iterdir())
     assert "saved adapter" in outs[0] and not any("saved adapter" in o for o in outs[1:])
-    assert all(o.strip() == "" or "Epoch:[" not in o for o in outs[1:])  # the others log nothing of the training
+    assert not any("Epoch:[" in o for o in outs[1:])  # the others do not log the steps
 
 
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2)], ids=["2procs-to-1", "1proc-to-2"])

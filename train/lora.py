@@ -13,12 +13,16 @@ and --use_moe give the suffix; a path such as `--from_weight my/full_sft_512.pth
 MiniMind's .pth), `<save_dir>/<lora_name>_metrics.jsonl`, `<save_dir>/<lora_name>_loss.png`, and, for
 `--from_resume 1`, the full train state under `<save_dir>/checkpoints/<lora_name>_<hidden>_resume/`.
 
-Data parallel over every local device (batch split on a `data` mesh axis). Multi-host: one process per host,
+Data parallel over every local device (batch split on a `data` mesh axis), and over several processes
+(jax.distributed): two on this machine, one CPU device each (what tests/test_multiprocess.py runs, with its tiny
+settings added):
 
-    python -m train.lora ... --coordinator host0:1234 --num_processes 2 --process_id 0   # on host 0
-    python -m train.lora ... --coordinator host0:1234 --num_processes 2 --process_id 1   # on host 1
+    python -m train.lora --cpu_devices 1 --coordinator 127.0.0.1:1234 --num_processes 2 --process_id 0 &
+    python -m train.lora --cpu_devices 1 --coordinator 127.0.0.1:1234 --num_processes 2 --process_id 1
 
-(or set JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID); --batch_size is the global batch.
+On several hosts, one process per host with --coordinator <host 0's address>:1234 and its own --process_id (or
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID). --batch_size is the global batch; process 0 alone
+writes the adapter and the metrics. --from_resume 1 may continue on another number of processes.
 On a CPU, the cores are split into several XLA devices by default (`--cpu_devices 0`: one per core, at most 8, a
 divisor of the batch), which makes steps faster; `--cpu_devices 1` keeps one device.
 """
