@@ -1,6 +1,7 @@
 """kill -9, not an exception: a real `python -m train.lora` process is SIGKILLed at several moments (while it logs,
-saves the adapter and saves the resume state after every step), then `--from_resume 1` runs to the end. The final
-adapter must be bit-identical to an uninterrupted run's, and the metrics must hold every step once."""
+saves the adapter and saves the resume state after every step), stopped by SIGTERM, or runs out of disk space
+while saving (a real tmpfs), then `--from_resume 1` runs to the end. The final adapter must be bit-identical to an
+uninterrupted run's, and the metrics must hold every step once."""
 from __future__ import annotations
 
 import json

@@ -84,8 +84,10 @@ def _exit_now(line: str) -> None:
 def main(argv: Optional[list] = None) -> dict:
     cfg = RunConfig.from_argv(argv, description=__doc__)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").addFilter(_DiskFullLogs())
-    sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
+    absl = logging.getLogger("absl")
+    if not any(isinstance(f, _DiskFullLogs) for f in absl.filters):  # once, however often main() is called
+        absl.addFilter(_DiskFullLogs())
+        sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
     try:
         return run(cfg)
     except DiskFull as e:  # the failed save left the last complete checkpoint as it was; the message says which
