@@ -143,9 +143,9 @@ class Engine:
         self._wake = threading.Condition()
         self._thread: Optional[threading.Thread] = None
         self._running = False
-        self.rows, self.cache_len = self.row_sizes[0], self.lengths[0]
-        self.cache = init_cache(config, self.rows, self.cache_len, dtype)["layers"]
-        self.seen = jnp.zeros((self.rows, config.vocab_size), bool)
+        self.cache_len = self.lengths[0]
+        self.cache = init_cache(config, max_batch, self.cache_len, dtype)["layers"]
+        self.seen = jnp.zeros((max_batch, config.vocab_size), bool)
         self.stats = collections.Counter()  # steps, prefills, tokens, requests, busy_slot_steps
         self.error: Optional[BaseException] = None
 
@@ -201,27 +201,38 @@ class Engine:
 
     def compile_all(self, samplings=(Sampling(temperature=0), Sampling())) -> int:
         """Compile, before serving, what requests would otherwise compile on first use (pausing the running ones):
-        the decode step for every row count and cache length, the prefill for every prompt bucket (with the adapter
-        stack as it is now) and the token choice for `samplings`. Call before `start`. -> programs compiled."""
-        stack, n = self.adapters.arrays(), 0
-        for rows in self.row_sizes:
-            zeros = jnp.zeros(rows, jnp.int32)
+        the decode step for every row bucket and cache length, the prefill for every prompt bucket (with the adapter
+        stack as it is now), the copies between them and the token choice for `samplings`. Call before `start`.
+        -> the number of programs compiled."""
+        stack, n, run = self.adapters.arrays(), 0, jax.block_until_ready
+        cache = lambda length: init_cache(self.config, self.max_batch, length, self.dtype)["layers"]
+        seen = lambda: jnp.zeros((self.max_batch, self.config.vocab_size), bool)
+        for length in self.lengths:
+            for rows in self.row_sizes:
+                zeros = jnp.zeros(rows, jnp.int32)
+                run(programs.step(self.params, stack, zeros - 1, cache(length), zeros, zeros, config=self.config,
+                                  dtype=self.dtype))
+            run(programs.move(cache(length), seen(), jnp.int32(0), jnp.int32(0)))
+            for other in self.lengths:
+                if other != length:
+                    run(programs.resize(cache(length), length=other))
+            n += len(self.row_sizes) + len(self.lengths)
+        for tb in self.prompt_sizes:
+            kv, logits, row = programs.prefill(self.params, stack, jnp.full(1, -1, jnp.int32),
+                                               jnp.zeros((1, tb), jnp.int32), jnp.int32(1), config=self.config,
+                                               dtype=self.dtype)
             for length in self.lengths:
-                cache = init_cache(self.config, rows, length, self.dtype)["layers"]
-                jax.block_until_ready(programs.step(self.params, stack, zeros - 1, cache, zeros, zeros,
-                                                    config=self.config, dtype=self.dtype))
-                n += 1
+                if length >= tb:
+                    run(programs.insert(cache(length), seen(), kv, row, jnp.int32(0)))
+                    n += 1
+            n += 1
+        prefilled = jnp.zeros((1, self.config.vocab_size), bool)  # a new request's first token: its own row
+        for rows, target in [(r, seen) for r in self.row_sizes] + [(1, lambda: prefilled)]:
             for sampling in samplings:
                 knobs, statics = self._knobs([sampling] * rows, [0] * rows, [0] * rows)
-                seen = jnp.zeros((rows, self.config.vocab_size), bool)
                 logits = jnp.zeros((rows, self.config.vocab_size))
-                jax.block_until_ready(programs.select(logits, seen, jnp.arange(rows), knobs, statics=statics))
+                run(programs.select(logits, target(), jnp.arange(rows), knobs, statics=statics))
                 n += 1
-        for tb in self.prompt_sizes:
-            jax.block_until_ready(programs.prefill(self.params, stack, jnp.full(1, -1, jnp.int32),
-                                                   jnp.zeros((1, tb), jnp.int32), jnp.int32(1), config=self.config,
-                                                   dtype=self.dtype))
-            n += 1
         return n
 
     # -- the scheduler thread -------------------------------------------------------------------------------------
@@ -269,7 +280,7 @@ class Engine:
                                                     jnp.asarray(prompt), jnp.int32(t), config=self.config,
                                                     dtype=self.dtype)
             slot = len(self.slots)
-            self._fit(slot + 1, max(tb, t + 1))
+            self._fit(max(tb, t + 1))
             knobs, statics = self._knobs([req.sampling], [req.seed], [0])
             token, seen_row = programs.select(logits, seen_row, jnp.zeros(1, jnp.int32), knobs, statics=statics)
             self.cache, self.seen = programs.insert(self.cache, self.seen, kv, seen_row, jnp.int32(slot))
@@ -283,8 +294,8 @@ class Engine:
             self._release([slot], reason)
 
     def _decode(self) -> None:
-        self._fit(len(self.slots), 0)
-        rows = self.rows
+        self._fit(0)
+        rows = _fit(len(self.slots), self.row_sizes)
         tokens, positions = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
         adapter_ids = np.full(rows, -1, np.int32)
         for i, s in enumerate(self.slots):
@@ -312,14 +323,13 @@ class Engine:
     def _knobs(self, samplings, seeds, steps):
         return programs.knobs_of(samplings, seeds, steps, Sampling(temperature=0).static)
 
-    def _fit(self, running: int, needed: int) -> None:
-        """Rows for `running` slots and room for `needed` positions and every running slot's next one: grown when
-        short, shrunk to the smallest bucket that holds them (after long requests or a crowd left)."""
-        needed = max([needed] + [s.pos + 1 for s in self.slots])
-        rows, length = _fit(max(running, 1), self.row_sizes), _fit(needed, self.lengths)
-        if (rows, length) != (self.rows, self.cache_len):
-            self.cache, self.seen = programs.resize(self.cache, self.seen, rows=rows, length=length)
-            self.rows, self.cache_len = rows, length
+    def _fit(self, needed: int) -> None:
+        """Room for `needed` positions and every running slot's next one: the cache grows when short, and shrinks to
+        the smallest length that holds them (after a long request left)."""
+        length = _fit(max([needed] + [s.pos + 1 for s in self.slots]), self.lengths)
+        if length != self.cache_len:
+            self.cache = programs.resize(self.cache, length=length)
+            self.cache_len = length
 
     def _deliver(self, i: int) -> Optional[str]:
         """Hand slot i's new token to its sink -> why the request ends now, or None."""

@@ -2,8 +2,8 @@
 tokens, move a slot, resize the cache. Pure functions of explicit state (the KV cache per layer and the `seen` mask
 of the repetition penalty); the scheduler in engine.py owns which rows hold which request.
 
-Legend: R cache rows in use (a bucket of the slot count), S cache length, V vocab, K kv heads, H head_dim,
-T prompt bucket.
+Legend: B slots (the cache's rows), R rows a step runs (a bucket of the running count), S cache length, V vocab,
+K kv heads, H head_dim, T prompt bucket.
 """
 from __future__ import annotations
 
@@ -61,26 +61,23 @@ def move(cache, seen, src, dst):
     return layers, jax.lax.dynamic_update_slice_in_dim(seen, row, dst, axis=0)
 
 
-@partial(jax.jit, static_argnames=("rows", "length"))
-def resize(cache, seen, *, rows, length):
-    """The cache with `rows` slots of `length` positions (zeros appended, or rows / positions past every running
-    request cut), and `seen` with `rows` rows."""
-    def fit(x, axis, n):
-        if n <= x.shape[axis]:
-            return jax.lax.slice_in_dim(x, 0, n, axis=axis)
+@partial(jax.jit, static_argnames=("length",))
+def resize(cache, *, length):
+    """The cache with `length` positions per slot: zeros appended, or positions past every running request cut."""
+    def fit(x, axis):
+        if length <= x.shape[axis]:
+            return jax.lax.slice_in_dim(x, 0, length, axis=axis)
         pad = [(0, 0)] * x.ndim
-        pad[axis] = (0, n - x.shape[axis])
+        pad[axis] = (0, length - x.shape[axis])
         return jnp.pad(x, pad)
-    k_heads = cache[0]["k"].shape[0] // seen.shape[0]
-    layers = [{"k": fit(fit(c["k"], 2, length), 0, rows * k_heads),
-               "v": fit(fit(c["v"], 1, length), 0, rows * k_heads)} for c in cache]
-    return layers, fit(seen, 0, rows)
+    return [{"k": fit(c["k"], 2), "v": fit(c["v"], 1)} for c in cache]
 
 
 @partial(jax.jit, static_argnames=("config", "dtype"), donate_argnames=("cache",))
 def step(params, stack, adapter_ids, cache, tokens, positions, *, config, dtype):
-    """One decode step for every row: tokens [R] fed at positions [R] -> (logits [R, V], cache). The token choice
-    is a separate small program (`select`), so a request with new sampling choices never recompiles the model."""
+    """One decode step for the first R slots: tokens [R] fed at positions [R] -> (logits [R, V], cache). The cache
+    keeps every slot (the attention reads its first R); the token choice is a separate small program (`select`), so
+    a request with new sampling choices never recompiles the model."""
     model = MiniMindForCausalLM(config, dtype)
     out = model.apply(_variables(params, stack, adapter_ids), tokens[:, None],
                       cache={"layers": cache, "index": positions})
