@@ -53,6 +53,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import socket
 import subprocess
 import sys
@@ -63,7 +64,15 @@ from pathlib import Path
 from typing import Optional
 
 import httpx
+import jax
 import numpy as np
+
+import convert
+import lora
+from minimind_jax import MiniMindConfig
+from minimind_jax.generate import generate
+from minimind_jax.model import init_params
+from minimind_jax.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TB = ROOT.parent / "tb"
@@ -246,9 +255,6 @@ def start_ours(args, work: Path, weight: Optional[Path], lora_dir: Optional[Path
 # ----------------------------------------------------------------------------------------------------------------
 def load_base(args, work: Path):
     """-> (config, params, weight path for the servers or None: the server's own random init)."""
-    import convert
-    from minimind_jax import MiniMindConfig
-    from minimind_jax.model import init_params
 
     if args.weight is not None:
         weight = convert.resolve_weight(args.weight, "out", args.hidden_size, False)
@@ -268,10 +274,7 @@ def load_base(args, work: Path):
 def make_adapters(args, config, params, lora_dir: Path) -> list:
     """`args.adapters` rank-`args.rank` adapters (A: lora.init's, B: N(0, 0.02), so each changes the model), written
     as bench<i>.ckpt with the base's fingerprint (the server warns if it serves another base)."""
-    import jax
 
-    import convert
-    import lora
 
     ads = []
     lora_dir.mkdir(parents=True, exist_ok=True)
@@ -498,10 +501,7 @@ def run_loads(load: Load, clients: list, per_client: int, warmup: bool, label: s
 # the generate reference
 # ----------------------------------------------------------------------------------------------------------------
 def generate_reference(args, config, params, ads, prompts) -> dict:
-    import statistics
 
-    import lora
-    from minimind_jax.generate import generate
 
     b = args.reference_batch
     ids = np.asarray(prompts[:b], np.int32)
@@ -531,9 +531,7 @@ def generate_reference(args, config, params, ads, prompts) -> dict:
 # MiniMind's server
 # ----------------------------------------------------------------------------------------------------------------
 def start_minimind(args, work: Path, config, params, weight: Optional[Path], ads) -> tuple[Server, dict]:
-    import jax
 
-    import convert
 
     tree = Path(args.minimind_server).resolve()
     script = tree / "scripts" / "serve_openai_api.py"
@@ -604,9 +602,7 @@ def main(argv=None):
     mm_per_client = args.minimind_requests_per_client or args.requests_per_client
     work = Path(args.work_dir).resolve() if args.work_dir else Path(tempfile.mkdtemp(prefix="bench_serve_"))
     work.mkdir(parents=True, exist_ok=True)
-    import jax
 
-    from minimind_jax.tokenizer import load_tokenizer
 
     config, params, weight = load_base(args, work)
     tokenizer = load_tokenizer()
