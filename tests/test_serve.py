@@ -346,7 +346,8 @@ def test_an_adapter_of_another_base_is_served_with_a_visible_warning(served, cap
 
     models = {m.id: m for m in _client(served).models.list().data}
     warning = models["other"].model_extra["warning"]
-    assert "other_base.pth" in warning and warning.count("sha256:") == 2 and "warning" not in models["alpha"].model_extra
+    assert "other_base.pth" in warning and warning.count("sha256:") == 2
+    assert "warning" not in models["alpha"].model_extra
     assert "[serve] warning: " in (served["dir"] / "server.log").read_text()
     chat.main(["--weight", str(served["dir"] / "base.safetensors"), "--lora", str(served["dir"] / "loras" /
                "other_64.ckpt"), "--prompt", "hi", "--greedy", "--max_new_tokens", "2", "--show_speed", "0"])
