@@ -1,11 +1,28 @@
 """Grouped-query attention with RoPE, q/k-norm (MiniMind-3), padding/segment masks and an explicit KV cache.
 
+One module, `Attention`, with three implementations of its softmax(q k^T / sqrt(H) + pad) v, picked when the model is
+traced (`implementation`: "auto" / None, "blocked", "xla", "cudnn"; see `choose_implementation`):
+
+- "blocked" (`_attend`): one batched matmul over B*K in the KV cache's own layout, training rows attended in query
+  blocks of QUERY_BLOCK that skip the keys after the block (causal); tuned for XLA:CPU. The default on a CPU, and
+  wherever dropout is on (the others have no attention dropout).
+- "xla": `jax.nn.dot_product_attention(implementation="xla")`; the default on a GPU/TPU in fp32, for decode steps,
+  and wherever cuDNN's flash attention does not take the shapes.
+- "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's fused flash attention (bf16/fp16 only,
+  head_dim a multiple of 8, training/prefill rows of even length); the default on an NVIDIA GPU where it applies.
+
+All three keep MiniMind's semantics exactly: causal by token index, packed samples kept apart by segment id (the
+boolean mask), and padding as MiniMind's additive (1 - mask) * -1e9 (the `bias` of dot_product_attention), so a
+padded row computes what MiniMind's does. `MINIMIND_ATTENTION=blocked|xla|cudnn|auto` sets the process's default
+for modules built without an explicit choice (read at trace time: set it before the first call).
+
 Legend: B batch, T new tokens, S key length (T, or the cache length), N query heads, K kv heads,
 G = N/K queries per kv head, H head_dim, D hidden.
 """
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, NamedTuple, Optional
 
 import flax.linen as nn
@@ -17,6 +34,8 @@ from .layers import Linear, RMSNorm, apply_rope
 
 NEG_PAD = -1e9  # MiniMind adds (1 - mask) * -1e9 for padding; the same constant keeps padded rows identical
 QUERY_BLOCK = 128  # rows longer than this (training, no cache) attend block by block (causal skipping)
+IMPLEMENTATIONS = ("auto", "blocked", "xla", "cudnn")
+ENV = "MINIMIND_ATTENTION"  # the process's default implementation (for modules built with implementation=None)
 
 
 class AttentionMask(NamedTuple):
@@ -74,6 +93,54 @@ def _attend(q, kb, vb, mask: AttentionMask, dtype, dropout=None):
     return (out / denom.astype(out.dtype)).astype(dtype).transpose(0, 3, 1, 2, 4)
 
 
+def choose_implementation(requested: Optional[str], *, dtype, head_dim: int, t: int, s: int, cached: bool,
+                          dropout: bool) -> str:
+    """The implementation a call traces: `requested` ("auto" / None: $MINIMIND_ATTENTION, else "auto") resolved.
+
+    auto: "blocked" on a CPU or with attention dropout; on a GPU "cudnn" for rows without a cache (training, the
+    first prefill) in bf16/fp16 with head_dim % 8 == 0, head_dim <= 128 and an even T (cuDNN's flash attention with a
+    bias needs even lengths in training), else "xla"; "xla" on other accelerators. An explicit choice is taken as is
+    (dropout with "xla"/"cudnn" is an error: they have none)."""
+    impl = requested or os.environ.get(ENV) or "auto"
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation must be one of {', '.join(IMPLEMENTATIONS)}, got {impl!r}"
+                         + ("" if requested else f" (from ${ENV})"))
+    if impl != "auto":
+        if dropout and impl != "blocked":
+            raise ValueError(f"attention dropout needs the blocked implementation, not {impl!r}")
+        return impl
+    backend = jax.default_backend()
+    if dropout or backend == "cpu":
+        return "blocked"
+    flash = (backend == "gpu" and not cached and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+             and head_dim % 8 == 0 and head_dim <= 128 and t % 2 == 0 and s % 2 == 0)
+    return "cudnn" if flash else "xla"
+
+
+def dot_product(q, k, v, mask: AttentionMask, implementation: str, causal: bool, fallback: bool = False):
+    """q [B, T, N, H], k/v [B, S, K, H] -> [B, T, N, H] through `jax.nn.dot_product_attention`.
+
+    mask.allowed is the boolean mask (causal, segments, per-row cache positions); mask.pad, MiniMind's additive
+    padding term, is the bias. `causal` (keys are the same T tokens) lets cuDNN skip the blocks above the diagonal
+    (the mask says the same). `fallback`: a "cudnn" call that cuDNN refuses at trace time (shapes, no cuDNN) runs
+    as "xla" instead (auto mode)."""
+    b, t, s = q.shape[0], q.shape[1], k.shape[1]
+    allowed = jnp.broadcast_to(mask.allowed, (b, 1, 1, t, s)).reshape(b, 1, t, s)
+    bias = None
+    if mask.pad is not None:
+        bias = mask.pad.reshape(b, 1, 1, s)
+        if implementation == "cudnn":  # cuDNN takes a bias of the query's length and dtype
+            bias = jnp.broadcast_to(bias, (b, 1, t, s)).astype(q.dtype)
+    if implementation == "cudnn":
+        try:
+            return jax.nn.dot_product_attention(q, k, v, bias, allowed, is_causal=causal, implementation="cudnn")
+        except (NotImplementedError, ValueError, RuntimeError):
+            if not fallback:
+                raise
+            bias = None if mask.pad is None else mask.pad.reshape(b, 1, 1, s)
+    return jax.nn.dot_product_attention(q, k, v, bias, allowed, implementation="xla")
+
+
 def _write(cache, new, index, axis: int, kv_heads: int):
     """Write `new` into the cache [B*K, ...] at slot `index` along `axis`: one index for the whole batch (generate),
     or one per row [B] (the serving engine, where every slot is at its own position)."""
@@ -90,6 +157,7 @@ def _write(cache, new, index, axis: int, kv_heads: int):
 class Attention(nn.Module):
     config: MiniMindConfig
     dtype: Any = jnp.float32
+    implementation: Optional[str] = None  # None: $MINIMIND_ATTENTION, else "auto"; see choose_implementation
 
     @nn.compact
     def __call__(self, x, cos, sin, mask: AttentionMask, cache: Optional[dict] = None, cache_index=None,
@@ -116,8 +184,19 @@ class Attention(nn.Module):
             kn, vn = heads_major(kx, v)
             new_cache = {"k": _write(cache["k"], kn, cache_index, axis=2, kv_heads=k),
                          "v": _write(cache["v"], vn, cache_index, axis=1, kv_heads=k)}
-            out = _attend(qg, new_cache["k"].astype(self.dtype), new_cache["v"].astype(self.dtype), mask, self.dtype,
-                          dropout)
+            kc, vc = new_cache["k"], new_cache["v"]
+        s = t if cache is None else kc.shape[-1]
+        requested = self.implementation or os.environ.get(ENV) or "auto"
+        impl = choose_implementation(requested, dtype=self.dtype, head_dim=h, t=t, s=s, cached=cache is not None,
+                                     dropout=dropout is not None)
+        if impl != "blocked":  # jax.nn.dot_product_attention's layout: q [B, T, N, H], k/v [B, S, K, H]
+            kk, vv = (kx, v) if cache is None else (kc.reshape(b, k, h, s).transpose(0, 3, 1, 2),
+                                                     vc.reshape(b, k, s, h).transpose(0, 2, 1, 3))
+            out = dot_product(q.astype(self.dtype), kk.astype(self.dtype), vv.astype(self.dtype), mask, impl,
+                              causal=cache is None, fallback=requested == "auto")
+            out = out.astype(self.dtype)
+        elif cache is not None:
+            out = _attend(qg, kc.astype(self.dtype), vc.astype(self.dtype), mask, self.dtype, dropout)
         elif t > QUERY_BLOCK:
             # Causal: query block [s0, e) sees keys [0, e) only; skipping the rest is exact (they get weight 0)
             # and saves about half the attention work on long training rows.

@@ -55,9 +55,15 @@ def test_config_rejects_bad_values(bad, msg):
         MiniMindConfig(**bad)
 
 
-def test_logits_loss_hidden_match_pytorch(case):
+ATTENTION = pytest.mark.parametrize("attention", ["blocked", "xla"])  # the implementations fp32 runs on (a CPU,
+# a GPU): the fixture tests with each forced; cuDNN's (bf16 only) is tested in test_attention.py
+
+
+@ATTENTION
+def test_logits_loss_hidden_match_pytorch(case, attention):
     name, config, params, inp, exp = case
-    out = MiniMindForCausalLM(config).apply({"params": params}, inp["input_ids"], labels=inp["labels"])
+    out = MiniMindForCausalLM(config, attention=attention).apply({"params": params}, inp["input_ids"],
+                                                                 labels=inp["labels"])
     assert out.logits.shape == exp["logits"].shape
     chex.assert_trees_all_close(np.asarray(out.logits), exp["logits"], atol=1e-5, rtol=0)
     chex.assert_trees_all_close(np.asarray(out.hidden_states), exp["hidden_states"], atol=1e-5, rtol=0)
@@ -66,9 +72,10 @@ def test_logits_loss_hidden_match_pytorch(case):
     assert out[0] is out.logits  # tuple-like: first item is the logits
 
 
-def test_kv_cache_steps_match_pytorch(case):
+@ATTENTION
+def test_kv_cache_steps_match_pytorch(case, attention):
     name, config, params, inp, exp = case
-    model = MiniMindForCausalLM(config)
+    model = MiniMindForCausalLM(config, attention=attention)
     fwd = jax.jit(lambda ids, cache: model.apply({"params": params}, ids, cache=cache))
     ids = jnp.asarray(inp["input_ids"])
     out = fwd(ids[:, :12], init_cache(config, 2, 16))
@@ -84,11 +91,12 @@ def test_kv_cache_steps_match_pytorch(case):
     assert int(cache["index"]) == 16
 
 
-def test_padding_mask_matches_unpadded_row(case):
+@ATTENTION
+def test_padding_mask_matches_unpadded_row(case, attention):
     """A left-padded row (MiniMind's -1e9 additive mask) gives the same last-token logits as that row alone
     when positions are the same."""
     name, config, params, inp, exp = case
-    model = MiniMindForCausalLM(config)
+    model = MiniMindForCausalLM(config, attention=attention)
     ids = np.asarray(inp["input_ids"][:1])
     pad = np.concatenate([np.zeros((1, 3), np.int32), ids], 1)
     mask = np.concatenate([np.zeros((1, 3), np.int32), np.ones_like(ids)], 1)
@@ -97,10 +105,11 @@ def test_padding_mask_matches_unpadded_row(case):
     chex.assert_trees_all_close(np.asarray(a), exp["logits"][:1], atol=1e-5, rtol=0)
 
 
-def test_segments_equal_separate_sequences(case):
+@ATTENTION
+def test_segments_equal_separate_sequences(case, attention):
     """Packing two samples in one row (segment_ids + restarted positions) equals running them separately."""
     name, config, params, inp, exp = case
-    model = MiniMindForCausalLM(config)
+    model = MiniMindForCausalLM(config, attention=attention)
     ids = np.asarray(inp["input_ids"])
     packed = np.concatenate([ids[0, :9], ids[1, :7]])[None]
     seg = np.array([[1] * 9 + [2] * 7])
