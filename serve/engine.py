@@ -202,7 +202,8 @@ class Engine:
     def compile_all(self, samplings=(Sampling(temperature=0), Sampling())) -> int:
         """Compile, before serving, what requests would otherwise compile on first use (pausing the running ones):
         the decode step for every row bucket and cache length, the prefill for every prompt bucket (with the adapter
-        stack as it is now), the copies between them and the token choice for `samplings`. Call before `start`.
+        stack as it is now), the copies between them and the token choice for `samplings` and any mix of them in
+        one batch. Call before `start`.
         -> the number of programs compiled."""
         stack, n, run = self.adapters.arrays(), 0, jax.block_until_ready
         cache = lambda length: init_cache(self.config, self.max_batch, length, self.dtype)["layers"]
@@ -226,10 +227,13 @@ class Engine:
                     run(programs.insert(cache(length), seen(), kv, row, jnp.int32(0)))
                     n += 1
             n += 1
-        prefilled = jnp.zeros((1, self.config.vocab_size), bool)  # a new request's first token: its own row
-        for rows, target in [(r, seen) for r in self.row_sizes] + [(1, lambda: prefilled)]:
-            for sampling in samplings:
-                knobs, statics = self._knobs([sampling] * rows, [0] * rows, [0] * rows)
+        prefilled = lambda: jnp.zeros((1, self.config.vocab_size), bool)  # a new request's first token: its own row
+        kinds = list({s.static: s for s in samplings}.values())
+        mixes = [c for k in range(1, len(kinds) + 1) for c in itertools.combinations(kinds, k)]  # rows of each kind
+        for rows, target in [(r, seen) for r in self.row_sizes] + [(1, prefilled)]:
+            for mix in (m for m in mixes if len(m) <= rows):
+                batch = [mix[j % len(mix)] for j in range(rows)]
+                knobs, statics = self._knobs(batch, [0] * rows, [0] * rows)
                 logits = jnp.zeros((rows, self.config.vocab_size))
                 run(programs.select(logits, target(), jnp.arange(rows), knobs, statics=statics))
                 n += 1

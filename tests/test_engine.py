@@ -156,3 +156,33 @@ def test_a_failing_prefill_ends_its_request_and_the_engine_keeps_serving(tiny, m
         engine.stop()
     assert out.reasons == {"first": "error", "second": "length"} and len(out.tokens["second"]) == 3
     assert "device lost" in repr(engine.error)
+
+
+def test_after_compile_all_serving_compiles_nothing(tiny):
+    """compile_all covers every program a request can need (all row buckets, cache lengths, prompt buckets and the
+    copies between them): requests of many lengths, adapters, sampling settings and arrival patterns compile
+    nothing new."""
+    from serve import programs
+
+    params, adapters = tiny
+    engine = Engine(params, TINY, max_batch=4, max_seq_len=128, eos_token_id=None)
+    engine.adapters.add("a", adapters["a"])
+    engine.adapters.add("b", adapters["b"])
+    engine.compile_all()
+    names = ("step", "prefill", "select", "insert", "move", "resize")
+    before = {n: getattr(programs, n)._cache_size() for n in names}
+    rng = np.random.default_rng(1)
+    out = Collect(9)
+    engine.start()
+    try:
+        for i in range(9):
+            prompt = rng.integers(0, TINY.vocab_size, int(rng.integers(1, 100))).tolist()
+            sampling = Sampling(max_tokens=int(rng.integers(1, 128 - len(prompt) + 1)), seed=i,
+                                temperature=0.0 if i % 3 == 0 else 0.85)
+            engine.submit(prompt, [None, "a", "b"][i % 3], sampling, out.sink(i))
+        for _ in range(9):
+            assert out.left.acquire(timeout=300)
+    finally:
+        engine.stop()
+    assert {n: getattr(programs, n)._cache_size() for n in names} == before
+    assert set(out.reasons.values()) == {"length"}
