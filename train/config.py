@@ -65,6 +65,7 @@ class RunConfig:
     batch_tokens: Optional[int] = None
     rows_per_device: int = 0  # 0 = auto
     labels_only: bool = True
+    remat: bool = False  # recompute each layer's activations in the backward pass (less memory, more compute)
     tensorboard: bool = False
     cache_dir: Optional[str] = None
     prompts: str = "|".join(PROMPTS)  # '|'-separated
@@ -180,6 +181,9 @@ def build_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
     a("--rows_per_device", type=int, default=0, help="rows each device runs at once inside a step (0 = auto: 1 on a "
                                                      f"CPU, {ACCEL_CHUNK_TOKENS} tokens' worth on a GPU/TPU)")
     a("--labels_only", type=int, choices=(0, 1), default=1, help="1: vocab projection only at labelled positions")
+    a("--remat", type=int, choices=(0, 1), default=0, help="1: gradient checkpointing per layer (each layer's "
+                                                          "activations recomputed in the backward pass: same "
+                                                          "losses, less memory, ~1/3 more compute)")
     a("--tensorboard", action="store_true", help="also log to <save_dir>/tensorboard/<lora_name> (needs tensorboardX)")
     a("--cache_dir", default=None, help="tokenized-data cache (default ~/.cache/minimind_jax/sft)")
     a("--prompts", default="|".join(PROMPTS), help="'|'-separated prompts answered greedily before and after training")

@@ -134,7 +134,7 @@ def setup(cfg: RunConfig):
                 "data_fingerprint": job_lib.data_fingerprint(ds)}
     tx = step_lib.make_optimizer()
     state = sharding.replicate(step_lib.init_state(adapter, tx, seed=cfg.seed), mesh)
-    model = MiniMindForCausalLM(config, dtype=compute_dtype(dtype))
+    model = MiniMindForCausalLM(config, dtype=compute_dtype(dtype), remat=cfg.remat)
     train_step = step_lib.CompiledSteps(step_lib.make_train_step(
         model, tx, accumulation_steps=cfg.accumulation_steps, grad_clip=cfg.grad_clip,
         state_sharding=sharding.replicated(mesh)))
