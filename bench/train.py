@@ -17,8 +17,10 @@ train_lora.py epoch on the same file) and the first round saves its random base 
 trains the same base (`--base` to give one). Rounds alternate the order of the two sides.
 
 Mode 1 (equal work): a B x T batch (default 4 x 256) with every position real and labelled, run by the trainer's
-step as `train.lora` runs it (CPU split into devices, chunks of rows); tokens/s from the median step. With the torch
-paths, ../shared/bench/torch_minimind_bench.py times PyTorch MiniMind's step on the same shape in the same round.
+step as `train.lora` runs it (CPU split into devices, chunks of rows); tokens/s from the median step, the step's
+model FLOPs and MFU (bench/train_step.py: against the device's tensor-core peak where known, `--peak_tflops`
+otherwise). With the torch paths, ../shared/bench/torch_minimind_bench.py times PyTorch MiniMind's step on the same
+shape in the same round. `--dtype` and `--remat` apply to both modes (fp32 and no remat by default).
 Prints a final `RESULT {json}` line.
 """
 from __future__ import annotations
@@ -66,7 +68,8 @@ def ours_epoch(args, variant: str, base, work: Path, tag: str) -> dict:
            "--epochs", "1", "--batch_size", str(args.batch_size), "--max_seq_len", str(args.max_seq_len),
            "--learning_rate", "1e-4", "--rank", "8", "--max_new_tokens", "0", "--log_interval", "1",
            "--save_dir", str(out), "--cache_dir", str(out / "cache"), "--cpu_devices", str(args.cpu_devices),
-           "--hidden_size", str(args.hidden_size), "--num_hidden_layers", str(args.num_hidden_layers), *extra]
+           "--hidden_size", str(args.hidden_size), "--num_hidden_layers", str(args.num_hidden_layers),
+           "--dtype", args.dtype, "--remat", str(args.remat), *extra]
     if base:
         cmd += ["--from_weight", str(base)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -115,7 +118,10 @@ def ours_step(args, work: Path, tag: str) -> dict:
     """Mode 1 in a fresh process (the CPU split is fixed when JAX starts)."""
     cmd = [sys.executable, str(Path(__file__).resolve().parent / "train_step.py"), "--batch", str(args.batch),
            "--seq", str(args.seq), "--steps", str(args.steps), "--cpu_devices", str(args.cpu_devices),
-           "--hidden_size", str(args.hidden_size), "--num_hidden_layers", str(args.num_hidden_layers)]
+           "--hidden_size", str(args.hidden_size), "--num_hidden_layers", str(args.num_hidden_layers),
+           "--dtype", args.dtype, "--remat", str(args.remat), "--rows_per_device", str(args.rows_per_device)]
+    if args.peak_tflops:
+        cmd += ["--peak_tflops", str(args.peak_tflops)]
     log = work / f"ours_step_{tag}.log"
     _, _, rc = run(cmd, log, {**os.environ, "PYTHONPATH": str(ROOT)})
     if rc:
@@ -141,6 +147,11 @@ def main(argv=None):
     p.add_argument("--hidden_size", type=int, default=512)
     p.add_argument("--num_hidden_layers", type=int, default=8)
     p.add_argument("--cpu_devices", type=int, default=0, help="as train.lora's (0 = auto)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype (both modes)")
+    p.add_argument("--remat", type=int, default=0, choices=(0, 1), help="per-layer gradient checkpointing")
+    p.add_argument("--rows_per_device", type=int, default=0, help="mode 1 rows per device per chunk (0: as "
+                                                                   "train.lora)")
+    p.add_argument("--peak_tflops", type=float, default=None, help="mode 1 MFU peak (default: known GPUs)")
     p.add_argument("--torch_python", default=None, help="python of a venv with torch, transformers, datasets")
     p.add_argument("--torch_data_tree", default=None, help="MiniMind HEAD tree (dataset/lm_dataset.py)")
     p.add_argument("--torch_model_tree", default=None, help="MiniMind c090b69 tree (model/)")
@@ -189,7 +200,8 @@ def report(rnd: dict) -> None:
     print(f"--- round {rnd['round']}")
     if "ours_step" in rnd:
         o = rnd["ours_step"]
-        line = f"(1) equal work B{o['batch']}xT{o['seq']}: ours {o['tokens_per_s']:.0f} tokens/s"
+        line = (f"(1) equal work B{o['batch']}xT{o['seq']} {o['dtype']}: ours {o['tokens_per_s']:.0f} tokens/s, "
+                f"{o['model_tflops_per_s']:.2f} model TFLOP/s" + (f" (MFU {o['mfu']:.1%})" if o["mfu"] else ""))
         if "torch_step" in rnd:
             t = rnd["torch_step"]
             line += f", PyTorch MiniMind {t['tokens_per_s']:.0f} tokens/s: {o['tokens_per_s'] / t['tokens_per_s']:.2f}x"
