@@ -239,7 +239,8 @@ def start_ours(args, work: Path, weight: Optional[Path], lora_dir: Optional[Path
         cmd += ["--weight", str(weight)] + (["--config", args.config] if args.config else [])
     if lora_dir is not None:
         cmd += ["--lora_dir", str(lora_dir)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_LOG_COMPILES": "1"}
+    path = os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env = {**os.environ, "PYTHONPATH": path, "JAX_LOG_COMPILES": "1"}  # keeps packages installed with --target
     print("$ " + " ".join(cmd), flush=True)
     server = start_server("serve.openai", cmd, ROOT, env, work / "serve_openai.log", port, "ours", "/health",
                           args.startup_timeout)
