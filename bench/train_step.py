@@ -40,6 +40,7 @@ import numpy as np  # noqa: E402
 
 import lora  # noqa: E402
 from minimind_jax import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
+from minimind_jax.attention import choose_implementation  # noqa: E402
 from minimind_jax.config import compute_dtype  # noqa: E402
 from minimind_jax.model import init_params  # noqa: E402
 from train import sharding as SH  # noqa: E402
@@ -136,7 +137,10 @@ def main(argv=None):
     dev_stats = jax.devices()[0].memory_stats() or {}
     out = {"batch": args.batch, "seq": args.seq, "devices": devices, "backend": jax.default_backend(),
            "device_kind": jax.devices()[0].device_kind, "dtype": args.dtype, "remat": bool(args.remat),
-           "attention": args.attention or "auto", "rows_per_device": rpd, "chunks": int(n_chunks),
+           "attention": choose_implementation(args.attention, dtype=model.dtype, head_dim=cfg.head_dim,
+                                              t=chunks["labels"].shape[-1], s=chunks["labels"].shape[-1],
+                                              cached=False, dropout=False),
+           "rows_per_device": rpd, "chunks": int(n_chunks),
            "step_s": step_s, "tokens_per_s": args.batch * args.seq / step_s,
            "step_s_all": [round(t, 4) for t in times], "compile_s": compile_s,
            "model_flops_per_step": flops["total"], "model_tflops_per_s": flops["total"] / step_s / 1e12,
@@ -148,7 +152,8 @@ def main(argv=None):
            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     mfu = f", MFU {out['mfu']:.1%} of {peak:.0f} TFLOP/s" if peak else ""
     dev_peak = f", device peak {out['device_peak_mib']:.0f} MiB" if out["device_peak_mib"] is not None else ""
-    print(f"B{args.batch}xT{args.seq} {args.dtype}{' remat' if args.remat else ''} on {devices} {out['backend']} "
+    print(f"B{args.batch}xT{args.seq} {args.dtype}{' remat' if args.remat else ''}, {out['attention']} attention, on "
+          f"{devices} {out['backend']} "
           f"device(s), {rpd} row(s) per device per chunk: median step {step_s * 1e3:.0f} ms = "
           f"{out['tokens_per_s']:.0f} tokens/s (compile {compile_s:.1f} s); {flops['total'] / 1e12:.3f} model TFLOP "
           f"per step = {out['model_tflops_per_s']:.2f} TFLOP/s{mfu}; XLA temp {out['xla_temp_mib']:.0f} MiB"
