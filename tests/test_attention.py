@@ -2,8 +2,10 @@
 the blocked `_attend`, forward and gradient, with MiniMind's padding, packed segments, GQA and the KV-cache paths.
 
 fp32 parity is 1e-5 (absolute, on values of order 1; run with jax_default_matmul_precision=highest on a GPU, whose
-default fp32 matmuls are TF32). cuDNN's flash attention runs only in bf16/fp16 on an NVIDIA GPU: its tests skip on a
-CPU and compare it in bf16 with the "xla" implementation in bf16.
+default fp32 matmuls are TF32). Measured on a 2-core x86 CPU: 2e-7 to 6e-7 for the attention alone (forward and
+gradient), 6e-7 to 1.2e-6 through the whole model (logits, param gradients, caches). cuDNN's flash attention runs
+only in bf16/fp16 on an NVIDIA GPU: its tests skip on a CPU and compare it in bf16 with the "xla" implementation in
+bf16.
 """
 import jax
 import jax.numpy as jnp
@@ -81,7 +83,7 @@ def test_dot_product_xla_matches_blocked_attend(t):
 def tiny():
     ids = jnp.zeros((1, 4), jnp.int32)
     params = jax.jit(lambda key: MiniMindForCausalLM(TINY).init(key, ids)["params"])(jax.random.key(0))
-    return jax.tree.map(lambda x: x * 3.0, params)  # logits of order 1-10, not near-uniform
+    return jax.tree.map(lambda x: x * 2.0, params)  # logits spread (std 0.56), not near-uniform
 
 
 def _model_loss_and_grads(params, impl, ids, **kw):
