@@ -142,16 +142,21 @@ def dot_product(q, k, v, mask: AttentionMask, implementation: str, causal: bool,
 
 
 def _write(cache, new, index, axis: int, kv_heads: int):
-    """Write `new` into the cache [B*K, ...] at slot `index` along `axis`: one index for the whole batch (generate),
-    or one per row [B] (the serving engine, where every slot is at its own position)."""
+    """Write `new` into the cache [C*K, ...] at slot `index` along `axis`: one index for the whole batch (generate),
+    or one per row [B] for one new token each (the serving engine: every slot at its own position; the cache may
+    hold more slots C than the B rows run, which are its first B)."""
     new = new.astype(cache.dtype)
     if jnp.ndim(index) == 0:
         start = [0, 0, 0]
         start[axis] = index
         return jax.lax.dynamic_update_slice(cache, new, tuple(start))
-    rows = jnp.repeat(jnp.asarray(index, jnp.int32), kv_heads)  # [B*K]: row b's K heads share its position
-    write = lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=axis - 1)
-    return jax.vmap(write)(cache, new, rows)
+    if new.shape[axis] != 1:
+        raise ValueError("a per-row cache index writes one token per row")
+    rows = jnp.arange(new.shape[0])
+    pos = jnp.repeat(jnp.asarray(index, jnp.int32), kv_heads)  # [B*K]: row b's K heads share its position
+    if axis == 2:  # k [C*K, H, S]: a scatter of B*K columns, in place when the cache is donated
+        return cache.at[rows, :, pos].set(new[:, :, 0])
+    return cache.at[rows, pos, :].set(new[:, 0, :])  # v [C*K, S, H]
 
 
 class Attention(nn.Module):
@@ -185,6 +190,8 @@ class Attention(nn.Module):
             new_cache = {"k": _write(cache["k"], kn, cache_index, axis=2, kv_heads=k),
                          "v": _write(cache["v"], vn, cache_index, axis=1, kv_heads=k)}
             kc, vc = new_cache["k"], new_cache["v"]
+            if kc.shape[0] != b * k:  # a serving cache with more slots than this step runs: its first b
+                kc, vc = kc[:b * k], vc[:b * k]
         s = t if cache is None else kc.shape[-1]
         requested = self.implementation or os.environ.get(ENV) or "auto"
         impl = choose_implementation(requested, dtype=self.dtype, head_dim=h, t=t, s=s, cached=cache is not None,
