@@ -103,11 +103,13 @@ def setup(args):
 
 
 def main(argv=None):
-    import uvicorn
-
-    from .app import build_app
-
     args = parse_args(argv)
+    try:  # the server's dependencies are an extra: the training install does not have them
+        import uvicorn
+
+        from .app import build_app
+    except ImportError as e:
+        raise SystemExit(f"error: the server needs {e.name}: pip install -e '.[serve]'") from None
     try:
         engine, tokenizer = setup(args)
     except (FileNotFoundError, ValueError, convert.CheckpointError) as e:

@@ -365,6 +365,7 @@ def finish(job: Job, state, history: list, metrics_path: Path, steps: int, answe
     summary["answers_after"] = _answers(job, state, "[after] ") if cfg.prompt_list else []
     log(f"saved adapter {job.adapter_file}; metrics {metrics_path}; total time {time.time() - t_start:.0f}s")
     log(f"chat with it: {chat_command(cfg, job.adapter_file)}")
-    log(f"serve it (OpenAI API, model \"{cfg.lora_name}\"): {serve_command(cfg, job.adapter_file)}")
+    log(f"serve it (OpenAI API, model \"{cfg.lora_name}\"; pip install -e '.[serve]' first): "
+        f"{serve_command(cfg, job.adapter_file)}")
     summary.update(adapter=state.adapter, updates=int(jax.device_get(state.updates)))
     return summary
