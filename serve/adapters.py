@@ -20,6 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -198,45 +199,24 @@ class AdapterStack:
                 self._retire(key)
 
     def _build(self) -> lora.Adapter:
-        shapes = {}
-        for entry in self._live():
-            for path, ab in entry.adapter.modules():
-                shapes[path] = (ab["A"].shape[0], ab["B"].shape[-1])
-        for path in self._paths - set(shapes):  # modules of unloaded adapters stay in the shape, as zeros
-            shapes[path] = self._module_shape(path)
         weights: dict = {}
-        for path, (i, o) in shapes.items():
-            a = np.zeros((self._capacity, i, self._rank), np.float32)
-            b = np.zeros((self._capacity, self._rank, o), np.float32)
+        for path in self._paths:  # every module ever adapted stays in the shape (zeros once unloaded)
+            i, o = _get(self._params, path)["kernel"].shape
             node = weights
             for name in path[:-1]:
                 node = node.setdefault(name, {})
-            node[path[-1]] = {"A": a, "B": b}
+            node[path[-1]] = {"A": np.zeros((self._capacity, i, self._rank), np.float32),
+                              "B": np.zeros((self._capacity, self._rank, o), np.float32)}
         for entry in self._live():
-            for path, ab in _folded_modules(entry.adapter):
+            for path, ab in lora.Adapter(lora.folded(entry.adapter)).modules():  # the scale rides on B
                 r = ab["A"].shape[-1]
                 node = _get(weights, path)
                 node["A"][entry.index, :, :r] = np.asarray(ab["A"], np.float32)
                 node["B"][entry.index, :r, :] = np.asarray(ab["B"], np.float32)
-        return lora.Adapter(_to_device(weights), alpha=None, rslora=False, targets="served")
-
-    def _module_shape(self, path) -> tuple[int, int]:
-        kernel = _get(self._params, path)["kernel"]
-        return kernel.shape
-
-
-def _folded_modules(adapter: lora.Adapter):
-    """(path, {"A", "B" with the scale folded in}) per module."""
-    for path, ab in adapter.modules():
-        s = adapter.scale(ab["A"].shape[-1])
-        yield path, {"A": ab["A"], "B": ab["B"] if s == 1.0 else np.asarray(ab["B"], np.float32) * s}
+        return lora.Adapter(jax.tree.map(jnp.asarray, weights), targets="served")
 
 
 def _get(tree, path):
     for name in path:
         tree = tree[name]
     return tree
-
-
-def _to_device(tree):
-    return {k: _to_device(v) if isinstance(v, dict) else jnp.asarray(v) for k, v in tree.items()}

@@ -79,7 +79,9 @@ def build_app(engine: Engine, tokenizer, *, model_name: str = "minimind", lora_d
     server's sampling defaults (temperature, top_p, top_k, repetition_penalty)."""
     app = FastAPI(title="minimind-jax", docs_url=None, redoc_url=None)
     metrics = _Metrics(engine)
-    defaults = {"temperature": 0.85, "top_p": 0.95, "top_k": 50, "repetition_penalty": 1.0, **(defaults or {})}
+    base = Sampling()
+    defaults = {"temperature": base.temperature, "top_p": base.top_p, "top_k": base.top_k,
+                "repetition_penalty": base.repetition_penalty, **(defaults or {})}
     created = int(time.time())
 
     # -- access, errors, counting -------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from minimind_jax.generate import generate_stream
 from minimind_jax.tokenizer import load_tokenizer
 
 from .loading import load_adapter_file, load_base
+from .text import TextStream
 
 PROMPTS = [  # eval_llm.py's auto-test prompts
     "你有什么特长？",
@@ -126,25 +127,19 @@ def load(args):
 
 
 class StreamPrinter:
-    """Prints decoded text as tokens arrive, holding back incomplete UTF-8 (a byte-level BPE splits characters)."""
+    """Prints decoded text as tokens arrive (whole characters only: serve.text.TextStream)."""
 
     def __init__(self, tokenizer, out=None):  # None: sys.stdout as it is now (not as it was at import)
-        self.tok, self.out, self.ids, self.printed = tokenizer, out or sys.stdout, [], 0
+        self.text, self.out = TextStream(tokenizer), out or sys.stdout
 
     def put(self, ids):
-        self.ids.extend(int(i) for i in ids)
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # wait for the rest of the character
-            return
-        self.out.write(text[self.printed:])
+        self.out.write("".join(self.text.put(i) for i in ids))
         self.out.flush()
-        self.printed = len(text)
 
     def end(self) -> str:
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
-        self.out.write(text[self.printed:])
+        self.out.write(self.text.end())
         self.out.flush()
-        return text
+        return self.text.text
 
 
 def main(argv=None):

@@ -91,7 +91,6 @@ class Request:
     sink: Callable
     max_tokens: int = 0  # resolved against the context at submit
     seed: int = 0
-    id: int = field(default_factory=itertools.count().__next__)
     cancelled: bool = False
     generated: int = 0
     submitted: float = field(default_factory=time.perf_counter)
