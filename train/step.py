@@ -170,6 +170,26 @@ def loss_fn(adapter, params, batch: dict, *, model, cap: Optional[int], rng=None
 
 def make_train_step(model, tx, *, accumulation_steps: int = 1, grad_clip: float = 1.0, state_sharding=None):
     """-> step(state, params, chunks, n_chunks, lr, *, cap, update) -> (state, metrics); jitted, `state` donated.
+    The step itself is `step_body`'s (train.sweep vmaps that over several adapters)."""
+    jit_kw = {}
+    if state_sharding is not None:
+        jit_kw["out_shardings"] = (state_sharding, state_sharding)
+    step = step_body(model, tx, accumulation_steps=accumulation_steps, grad_clip=grad_clip)
+    return jax.jit(step, static_argnames=("cap", "update"), donate_argnums=(0,), **jit_kw)
+
+
+def apply_gain(adapter: lora_lib.Adapter, gain) -> lora_lib.Adapter:
+    """The adapter with each rank column of A and row of B multiplied by `gain`'s factor ({module: {"A": [r],
+    "B": [r]}}): a rank sweep pads its members to one rank, and a 0 there keeps the padded part out of the forward
+    pass and its gradient at exactly 0; B's factor also carries the member's own scale."""
+    is_ab = lambda x: isinstance(x, dict) and "A" in x and "B" in x
+    weights = jax.tree.map(lambda ab, g: {"A": ab["A"] * g["A"][None, :], "B": ab["B"] * g["B"][:, None]},
+                           adapter.weights, gain, is_leaf=is_ab)
+    return adapter.replace(weights=weights)
+
+
+def step_body(model, tx, *, accumulation_steps: int = 1, grad_clip: float = 1.0):
+    """-> step(state, params, chunks, n_chunks, lr, *, cap, update, gain=None) -> (state, metrics), not jitted.
 
     chunks: prepare_batch's [C, P, T] arrays (the batch's rows, P per chunk); the step runs the model over the
     first `n_chunks` chunks one at a time (a loop with a traced trip count: one compiled program whatever the number
@@ -180,10 +200,11 @@ def make_train_step(model, tx, *, accumulation_steps: int = 1, grad_clip: float 
     `accumulation_steps` micro-steps and at the end of an epoch). `cap` (static): prepare_batch's (groups, C) or
     None, see labelled_nll.
     metrics: {"loss": ce + aux, "aux_loss", "grad_norm" (last update's), "bad_step"} as device scalars.
+    `gain`: see apply_gain (None: the adapter as it is).
     """
     acc = float(accumulation_steps)
 
-    def step(state: TrainState, params, chunks, n_chunks, lr, *, cap, update):
+    def step(state: TrainState, params, chunks, n_chunks, lr, *, cap, update, gain=None):
         rng = jax.random.fold_in(state.rng, state.micro)
         total = jnp.maximum(jnp.sum(chunks["labels"][..., 1:] != IGNORE), 1).astype(jnp.float32)
         n = jnp.maximum(n_chunks, 1).astype(jnp.float32)
@@ -191,7 +212,8 @@ def make_train_step(model, tx, *, accumulation_steps: int = 1, grad_clip: float 
         def chunk_loss(adapter, i):
             rows = {k: jax.lax.dynamic_index_in_dim(v, i, 0, keepdims=False) for k, v in chunks.items()}
             groups, c = cap if cap is not None else (1, None)
-            nll, _, aux = loss_terms(adapter, params, rows, model=model, cap=c, rng=jax.random.fold_in(rng, i),
+            seen = adapter if gain is None else apply_gain(adapter, gain)
+            nll, _, aux = loss_terms(seen, params, rows, model=model, cap=c, rng=jax.random.fold_in(rng, i),
                                      groups=groups)
             return (nll / total + aux / n) / acc, (nll, aux)
 
@@ -224,10 +246,7 @@ def make_train_step(model, tx, *, accumulation_steps: int = 1, grad_clip: float 
         new = frozen.replace(bad_step=bad_step.astype(jnp.int32))
         return new, {"loss": loss, "aux_loss": aux, "grad_norm": new.grad_norm, "bad_step": new.bad_step}
 
-    jit_kw = {}
-    if state_sharding is not None:
-        jit_kw["out_shardings"] = (state_sharding, state_sharding)
-    return jax.jit(step, static_argnames=("cap", "update"), donate_argnums=(0,), **jit_kw)
+    return step
 
 
 class CompiledSteps:
