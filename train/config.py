@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 BUNDLED_DATA = Path(__file__).resolve().parent / "assets" / "lora_identity.jsonl"  # package data
 PROMPTS = ("你是谁？", "Who are you?")
@@ -29,6 +31,83 @@ REAL = {"epochs": 10, "learning_rate": 1e-4, "batch_size": 32, "targets": "squar
         "add_system_ratio": 0.2, "empty_think_ratio": 0.2}
 ACCEL_CHUNK_TOKENS = 8192  # rows per forward pass on accelerators, which want large matmuls
 _POSITIVE = ("epochs", "batch_size", "accumulation_steps", "log_interval", "save_interval", "max_seq_len", "rank")
+# --sweep KEY: (the tag in members' file names, the value's type)
+SWEEP_KEYS = {"learning_rate": ("lr", float), "seed": ("seed", int), "rank": ("rank", int)}
+
+
+@dataclass(frozen=True)
+class SweepMember:
+    """One adapter of a sweep: its settings and the tag its files are named by (`lr3e-4_seed2`: the values as
+    typed on the command line)."""
+    tag: str
+    settings: tuple  # ((key, value), ...) in --sweep's order
+
+    def __str__(self) -> str:
+        return self.tag
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """`--sweep learning_rate=1e-4,3e-4 --sweep seed=1,2`: the product of the keys' values, one adapter each,
+    trained together over the shared base and the same batches (train.sweep). `axes` keeps the values as typed."""
+    axes: tuple  # ((key, (value as typed, ...)), ...)
+
+    def __post_init__(self):
+        if not self.axes:
+            raise SystemExit("error: --sweep needs KEY=V1,V2,... (e.g. learning_rate=1e-4,3e-4,1e-3)")
+        keys = [k for k, _ in self.axes]
+        for key, texts in self.axes:
+            if key == "data_path":
+                raise SystemExit("error: --sweep data_path=...: a data file per member is not supported yet; every "
+                                 f"member trains on --data_path (sweep {', '.join(SWEEP_KEYS)})")
+            if key not in SWEEP_KEYS:
+                raise SystemExit(f"error: --sweep: unknown key {key!r}; supported: {', '.join(SWEEP_KEYS)}")
+            if keys.count(key) > 1:
+                raise SystemExit(f"error: --sweep: {key} given twice; list its values once: {key}=V1,V2,...")
+            if not texts:
+                raise SystemExit(f"error: --sweep {key}=: no values (e.g. {key}=V1,V2)")
+            values = [self._value(key, t) for t in texts]
+            for t, v in zip(texts, values):
+                if values.count(v) > 1:
+                    raise SystemExit(f"error: --sweep {key}={','.join(texts)}: {t} is given twice")
+
+    @staticmethod
+    def _value(key: str, text: str) -> Union[int, float]:
+        kind = SWEEP_KEYS[key][1]
+        try:
+            v = kind(text)
+        except ValueError:
+            raise SystemExit(f"error: --sweep {key}: {text!r} is not {'a number' if kind is float else 'an integer'}")
+        if key in ("learning_rate", "rank") and not (v > 0 and math.isfinite(v)):
+            raise SystemExit(f"error: --sweep {key}: {text} must be positive")
+        return v
+
+    @classmethod
+    def parse(cls, specs: Union[str, Sequence[str]]) -> "Sweep":
+        """`--sweep` as given (each a 'KEY=V1,V2,...', or several of them separated by spaces) -> a Sweep."""
+        items = [item for spec in ([specs] if isinstance(specs, str) else specs) for item in spec.split()]
+        axes = []
+        for item in items:
+            key, eq, values = item.partition("=")
+            if not eq or not key:
+                raise SystemExit(f"error: --sweep {item!r}: expected KEY=V1,V2,... (e.g. learning_rate=1e-4,3e-4)")
+            axes.append((key, tuple(v for v in values.split(",") if v)))
+        return cls(tuple(axes))
+
+    def members(self) -> list[SweepMember]:
+        """The product of the keys' values, the last key varying fastest."""
+        out = []
+        for combo in itertools.product(*[texts for _, texts in self.axes]):
+            keys = [k for k, _ in self.axes]
+            out.append(SweepMember("_".join(f"{SWEEP_KEYS[k][0]}{t}" for k, t in zip(keys, combo)),
+                                   tuple((k, self._value(k, t)) for k, t in zip(keys, combo))))
+        return out
+
+    def keys(self) -> list[str]:
+        return [k for k, _ in self.axes]
+
+    def __str__(self) -> str:
+        return " ".join(f"{k}={','.join(texts)}" for k, texts in self.axes)
 
 
 @dataclass(frozen=True)
@@ -74,11 +153,16 @@ class RunConfig:
     coordinator: Optional[str] = None
     num_processes: Optional[int] = None
     process_id: Optional[int] = None
+    sweep: Optional[Sweep] = None  # a str or list of them ('learning_rate=1e-4,3e-4') is parsed into a Sweep
 
     def __post_init__(self):
         for k, v in (DEMO if self.demo else REAL).items():
             if getattr(self, k) is None:
                 object.__setattr__(self, k, v)  # frozen: the one place a field is filled in
+        if self.sweep is not None and not isinstance(self.sweep, Sweep):
+            object.__setattr__(self, "sweep", Sweep.parse(self.sweep))
+        if self.sweep is not None:
+            self._check_sweep()
         for k in _POSITIVE:
             if getattr(self, k) <= 0:
                 raise SystemExit(f"--{k} must be positive, got {getattr(self, k)}")
@@ -91,6 +175,14 @@ class RunConfig:
             raise SystemExit(f"--rows_per_device must be >= 0, got {self.rows_per_device}")
         if self.dtype not in (None, "bfloat16", "float32"):
             raise SystemExit(f"--dtype must be bfloat16 or float32, got {self.dtype!r}")
+
+    def _check_sweep(self) -> None:
+        if (self.num_processes or 1) > 1:
+            raise SystemExit("error: --sweep runs in one process (its devices split the batch); --num_processes "
+                             f"{self.num_processes} is not supported with it yet")
+        if self.from_lora and {"seed", "rank"} & set(self.sweep.keys()):
+            raise SystemExit(f"error: --sweep {self.sweep}: seed and rank choose each member's new adapter; with "
+                             "--from_lora every member starts from that one (sweep learning_rate instead)")
 
     @property
     def random_base(self) -> bool:
@@ -194,4 +286,10 @@ def build_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
     a("--coordinator", default=None, help="multi-host: coordinator HOST:PORT (process 0's address)")
     a("--num_processes", type=int, default=None)
     a("--process_id", type=int, default=None)
+    a("--sweep", action="append", default=None, metavar="KEY=V1,V2,...",
+      help=f"train one adapter per value ({', '.join(SWEEP_KEYS)}) together in one compiled step over the shared "
+           "base and batches; several --sweep flags make the product. Each writes "
+           "<lora_name>_<tag>_<hidden>.ckpt (tag e.g. lr3e-4_seed2, the values as typed), its metrics and loss "
+           "curve; plus <lora_name>_sweep_summary.json and <lora_name>_sweep_loss.png. seed: each member's adapter "
+           "init; the base and the sample order stay --seed's")
     return p
