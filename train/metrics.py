@@ -65,6 +65,20 @@ def read_metrics(path) -> list[dict]:
 
 def plot_loss(metrics_path, png_path, title: str = "") -> Optional[str]:
     """Write the loss curve; returns None on success, else a one-line reason it was skipped."""
+    rows = read_metrics(metrics_path)
+    curves = {"loss": rows}
+    if any(r.get("aux_loss") for r in rows):
+        curves["aux_loss"] = [{"step": r["step"], "loss": r["aux_loss"]} for r in rows]
+    return _plot(curves, png_path, title)
+
+
+def plot_losses(metrics_paths: dict, png_path, title: str = "") -> Optional[str]:
+    """Several runs' loss curves in one plot ({label: metrics file}, a sweep's members); None or why skipped."""
+    return _plot({label: read_metrics(p) for label, p in metrics_paths.items()}, png_path, title)
+
+
+def _plot(curves: dict, png_path, title: str) -> Optional[str]:
+    """{label: [{"step", "loss"}, ...]} -> one PNG, written atomically (a legend when there are several)."""
     try:
         import matplotlib
 
@@ -72,14 +86,13 @@ def plot_loss(metrics_path, png_path, title: str = "") -> Optional[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed; skipped the loss-curve PNG (pip install matplotlib)"
-    rows = read_metrics(metrics_path)
-    if not rows:
+    if not any(curves.values()):
         return "no metrics logged; skipped the loss-curve PNG"
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="loss")
-    if any(r.get("aux_loss") for r in rows):
-        ax.plot([r["step"] for r in rows], [r["aux_loss"] for r in rows], label="aux_loss")
-        ax.legend()
+    for label, rows in curves.items():
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=label)
+    if len(curves) > 1:
+        ax.legend(fontsize="small")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)

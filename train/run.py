@@ -35,7 +35,7 @@ from train.resume import ResumeError, ResumeManager, adapter_path, disk_full, re
 
 # Settings a resumed run must share with the run that wrote the state (else its batches or base would differ).
 RESUME_KEYS = ("batch_size", "pack", "batch_tokens", "group_by_length", "seed", "max_seq_len", "num_samples",
-               "base_fingerprint", "accumulation_steps", "rank", "targets", "alpha", "data_fingerprint")
+               "base_fingerprint", "accumulation_steps", "rank", "targets", "alpha", "data_fingerprint", "sweep")
 
 
 class TrainingDiverged(RuntimeError):
@@ -75,6 +75,39 @@ class Job:
                 "base_random_seed": self.cfg.seed if self.cfg.random_base else None,
                 "trained_with": "minimind-jax train.lora"}
 
+    # What the loop asks of its job; train.sweep.SweepJob answers each for several adapters trained together.
+    def lr_at(self, g: int):
+        """The learning rate of global micro-step g (1-based): MiniMind's schedule."""
+        return step_lib.get_lr(g, self.batches.total, self.cfg.learning_rate)
+
+    def adapters(self, state) -> list:
+        """[(name, adapter)] that `state` trains."""
+        return [(self.cfg.lora_name, state.adapter)]
+
+    def open_metrics(self, resumed_at: Optional[int]) -> MetricsWriter:
+        save_dir = Path(self.cfg.save_dir)
+        return MetricsWriter(save_dir / f"{self.cfg.lora_name}_metrics.jsonl", resume_step=resumed_at,
+                             tensorboard_dir=(save_dir / "tensorboard" / self.cfg.lora_name)
+                             if self.cfg.tensorboard else None, enabled=jax.process_index() == 0)
+
+    def log_step(self, m: dict, at, lr, stats: dict, window: dict, last_saved) -> dict:
+        return _log_step(self, m, at, lr, stats, window, last_saved)
+
+    def postfix(self, rec: dict) -> dict:
+        return {"loss": f"{rec['loss']:.4f}", "lr": f"{rec['lr']:.2e}", "tok_s": f"{rec['tokens_per_s']:.0f}"}
+
+    def check_finite(self, bad_step, last_saved: Optional[str]) -> None:
+        _check_finite(self, bad_step, last_saved)
+
+    def to_save(self, state, epoch: int, step: int) -> list:
+        """[(path, adapter on the host, metadata)] that a save step writes (after the resume state)."""
+        host = state.adapter.replace(weights=jax.tree.map(lambda x: np.asarray(jax.device_get(x)),
+                                                          state.adapter.weights))
+        return [(self.adapter_file, host, self.adapter_meta(epoch, step))]
+
+    def finish(self, state, history: list, metrics, steps: int, answers_before: list, t_start: float) -> dict:
+        return finish(self, state, history, metrics.path, steps, answers_before, t_start)
+
 
 def run(cfg: RunConfig, *, on_step: Optional[Callable[[int, Any], None]] = None) -> dict:
     """Train an adapter as `cfg` says; -> summary: "losses" and "history" (the log steps'), "adapter",
@@ -82,18 +115,21 @@ def run(cfg: RunConfig, *, on_step: Optional[Callable[[int, Any], None]] = None)
     "answers_after", "compile_s"."""
     t_start = time.time()
     job, state = setup(cfg)
+    return drive(job, state, on_step, t_start)
+
+
+def drive(job: Job, state, on_step=None, t_start: Optional[float] = None) -> dict:
+    """A set-up job from its fresh state to its summary: resume, answers before, the loop, `job.finish`."""
+    t_start = time.time() if t_start is None else t_start
     try:
         state, (epoch0, step0), resumed_at = restore(job, state)
         positions = job.batches.positions(epoch0, step0)
         if positions and jax.process_count() == 1:  # compile the first batch's step while the prompts are answered
             _precompile(job, state, positions[0])
         answers_before = []
-        if cfg.prompt_list and resumed_at is None:
-            answers_before = _answers(job, state, "[before]")
-        save_dir = Path(cfg.save_dir)
-        metrics = MetricsWriter(save_dir / f"{cfg.lora_name}_metrics.jsonl", resume_step=resumed_at,
-                                tensorboard_dir=(save_dir / "tensorboard" / cfg.lora_name) if cfg.tensorboard else None,
-                                enabled=jax.process_index() == 0)
+        if job.cfg.prompt_list and resumed_at is None:  # every adapter starts with B = 0: the base's answers
+            answers_before = _answers(job, job.adapters(state)[0][1], "[before]")
+        metrics = job.open_metrics(resumed_at)
         if metrics.note:
             log(metrics.note)
         try:
@@ -102,11 +138,66 @@ def run(cfg: RunConfig, *, on_step: Optional[Callable[[int, Any], None]] = None)
             metrics.close()
     finally:
         job.resume.close()
-    return finish(job, state, history, metrics.path, len(positions), answers_before, t_start)
+    return job.finish(state, history, metrics, len(positions), answers_before, t_start)
 
 
 def setup(cfg: RunConfig):
     """-> (Job, fresh train state on the mesh); logs what it built."""
+    ready = prepare(cfg)
+    cfg, mesh = ready.cfg, ready.mesh
+    adapter, adapter_note = job_lib.make_adapter(cfg, ready.params)
+    log(adapter_note)
+    ready.describe(adapter)
+    tx = step_lib.make_optimizer()
+    state = sharding.replicate(step_lib.init_state(adapter, tx, seed=cfg.seed), mesh)
+    train_step = step_lib.CompiledSteps(step_lib.make_train_step(
+        ready.model, tx, accumulation_steps=cfg.accumulation_steps, grad_clip=cfg.grad_clip,
+        state_sharding=sharding.replicated(mesh)))
+    return ready.job(Job, train_step, ready.run_meta(adapter), cfg.lora_name,
+                     adapter_path(cfg.save_dir, cfg.lora_name, ready.config)), state
+
+
+@dataclass(frozen=True, eq=False)
+class Prepared:
+    """What a run builds before its adapters (train.sweep builds several over the same): JAX and its devices,
+    the base, the data and its batch plan, the model."""
+    cfg: RunConfig  # MiniMind names resolved to paths
+    config: Any
+    params: Any  # on the host
+    mesh: Mesh
+    dtype: str
+    tokenizer: Any
+    ds: Any
+    batches: job_lib.Batches
+    model: Any
+
+    def describe(self, adapter) -> None:
+        for line in job_lib.describe(self.cfg, self.params, adapter, self.ds, self.batches, self.mesh.devices.size,
+                                     self.dtype):
+            log(line)
+
+    def run_meta(self, adapter) -> dict:
+        """The settings saved with the resume state (RESUME_KEYS must match to resume)."""
+        cfg, ds = self.cfg, self.ds
+        return {"batch_size": cfg.batch_size, "pack": int(cfg.pack), "batch_tokens": cfg.batch_tokens,
+                "group_by_length": int(cfg.group_by_length), "seed": cfg.seed, "max_seq_len": cfg.max_seq_len,
+                "accumulation_steps": cfg.accumulation_steps, "epochs": cfg.epochs,
+                "learning_rate": cfg.learning_rate, "rank": cfg.rank, "targets": adapter.targets,
+                "alpha": adapter.alpha, "num_samples": len(ds), "base_fingerprint": convert.fingerprint(self.params),
+                "data_fingerprint": job_lib.data_fingerprint(ds),
+                "sweep": str(cfg.sweep) if cfg.sweep else None}
+
+    def job(self, cls, train_step, run_meta: dict, resume_name: str, adapter_file, **extra):
+        """A `cls` (Job or a subclass) over these parts; the save directory is created."""
+        Path(self.cfg.save_dir).mkdir(parents=True, exist_ok=True)
+        return cls(self.cfg, self.config, sharding.replicate(self.params, self.mesh), self.model.dtype, self.mesh,
+                   self.tokenizer, self.batches, train_step,
+                   ResumeManager(resume_dir(self.cfg.save_dir, resume_name, self.config)), adapter_file, run_meta,
+                   **extra)
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    """JAX, the base, the data and the batch plan for `cfg`; logs them."""
     cfg = job_lib.resolve_names(cfg)  # MiniMind names (--from_weight full_sft) -> paths; Job.cfg keeps the paths
     # before JAX starts: the device count is fixed when its backends come up
     cpu_split = sharding.configure_cpu_devices(cfg.cpu_devices, cfg.batch_size, cfg.num_processes)
@@ -121,28 +212,8 @@ def setup(cfg: RunConfig):
     dtype = cfg.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     tokenizer, ds = job_lib.load_data(cfg, config)
     batches = job_lib.plan_batches(cfg, config, ds)
-    adapter, adapter_note = job_lib.make_adapter(cfg, params)
-    log(adapter_note)
-    for line in job_lib.describe(cfg, params, adapter, ds, batches, mesh.devices.size, dtype):
-        log(line)
-
-    run_meta = {"batch_size": cfg.batch_size, "pack": int(cfg.pack), "batch_tokens": cfg.batch_tokens,
-                "group_by_length": int(cfg.group_by_length), "seed": cfg.seed, "max_seq_len": cfg.max_seq_len,
-                "accumulation_steps": cfg.accumulation_steps, "epochs": cfg.epochs,
-                "learning_rate": cfg.learning_rate, "rank": cfg.rank, "targets": adapter.targets,
-                "alpha": adapter.alpha, "num_samples": len(ds), "base_fingerprint": convert.fingerprint(params),
-                "data_fingerprint": job_lib.data_fingerprint(ds)}
-    tx = step_lib.make_optimizer()
-    state = sharding.replicate(step_lib.init_state(adapter, tx, seed=cfg.seed), mesh)
     model = MiniMindForCausalLM(config, dtype=compute_dtype(dtype), remat=cfg.remat)
-    train_step = step_lib.CompiledSteps(step_lib.make_train_step(
-        model, tx, accumulation_steps=cfg.accumulation_steps, grad_clip=cfg.grad_clip,
-        state_sharding=sharding.replicated(mesh)))
-    Path(cfg.save_dir).mkdir(parents=True, exist_ok=True)
-    job = Job(cfg, config, sharding.replicate(params, mesh), model.dtype, mesh, tokenizer, batches, train_step,
-              ResumeManager(resume_dir(cfg.save_dir, cfg.lora_name, config)),
-              adapter_path(cfg.save_dir, cfg.lora_name, config), run_meta)
-    return job, state
+    return Prepared(cfg, config, params, mesh, dtype, tokenizer, ds, batches, model)
 
 
 def restore(job: Job, state):
@@ -180,13 +251,14 @@ def _is_update(job: Job, epoch: int, s: int) -> bool:
 def _precompile(job: Job, state, position) -> None:
     e, s = position
     arrays, n_chunks, cap, _ = job.batches.prepare(job.batches.loader.get_batch(e, s))
-    job.train_step.start(state, job.params, sharding.put_batch(arrays, job.mesh), np.int32(n_chunks), 0.0, cap=cap,
+    lr = job.lr_at(int(job.batches.offsets[e]) + s + 1)  # a sweep's is a vector: the compiled shape
+    job.train_step.start(state, job.params, sharding.put_batch(arrays, job.mesh), np.int32(n_chunks), lr, cap=cap,
                          update=_is_update(job, e, s + 1))
 
 
-def _answers(job: Job, state, tag: str) -> list[str]:
+def _answers(job: Job, adapter, tag: str) -> list[str]:
     prompts = job.cfg.prompt_list
-    out = answer(job.params, job.config, state.adapter, job.tokenizer, prompts, job.cfg.max_new_tokens, job.dtype)
+    out = answer(job.params, job.config, adapter, job.tokenizer, prompts, job.cfg.max_new_tokens, job.dtype)
     for q, a in zip(prompts, out):
         log(f"{tag} {q} -> {a!r}")
     return out
@@ -204,7 +276,7 @@ def train_loop(job: Job, state, positions, metrics: MetricsWriter, on_step):
         for epoch, s0, (arrays, n_chunks, cap, stats) in prefetch:
             s = s0 + 1  # MiniMind counts steps from 1 within the epoch
             g = int(batches.offsets[epoch]) + s
-            lr = step_lib.get_lr(g, batches.total, cfg.learning_rate)
+            lr = job.lr_at(g)
             batch, n_chunks, cap, signum = _device_batch(job.mesh, arrays, n_chunks, cap, stop.signal or 0)
             if signum:
                 _stop(job, state, signum, done, saved, last_saved)
@@ -215,16 +287,16 @@ def train_loop(job: Job, state, positions, metrics: MetricsWriter, on_step):
             bar.update(1)
             end = s == batches.iters[epoch]
             if s % cfg.log_interval == 0 or end:
-                rec = _log_step(job, jax.device_get(m), (epoch, s, g), lr, stats, window, last_saved)
+                rec = job.log_step(jax.device_get(m), (epoch, s, g), lr, stats, window, last_saved)
                 history.append(rec)
                 metrics.log(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                bar.set_postfix(job.postfix(rec))
             if s % cfg.save_interval == 0 or end:
-                _check_finite(job, state.bad_step, last_saved)
+                job.check_finite(state.bad_step, last_saved)
                 last_saved, saved = _save(job, state, epoch, s, g, last_saved), done
             if on_step is not None:
                 on_step(g, state)
-        _check_finite(job, state.bad_step, last_saved)
+        job.check_finite(state.bad_step, last_saved)
     except Exception as e:  # a full disk anywhere else (the metrics file): one line that says what is intact
         if isinstance(e, DiskFull) or not disk_full(e):
             raise
@@ -250,7 +322,7 @@ def _device_batch(mesh: Mesh, arrays: dict, n_chunks: int, cap, signum: int):
 def _stop(job: Job, state, signum: int, done, saved, last_saved) -> None:
     """SIGTERM / Ctrl-C: save the last finished step (unless just saved) and raise Interrupted."""
     if done is not None and done != saved:
-        _check_finite(job, state.bad_step, last_saved)
+        job.check_finite(state.bad_step, last_saved)
         last_saved = _save(job, state, *done, last_saved)
     name = signal.Signals(signum).name
     raise Interrupted(f"{name}: stopped after {'no step' if done is None else job.batches.where(done[2])}; "
@@ -305,16 +377,14 @@ def _save(job: Job, state, epoch: int, s: int, g: int, last_saved: Optional[str]
             raise
         raise DiskFull(f"no space left on device while saving {job.batches.where(g)} to {state_dir} (the partial "
                        f"save is removed); {_intact(last_saved)}") from e
-    if jax.process_index() == 0:
-        host = state.adapter.replace(weights=jax.tree.map(lambda x: np.asarray(jax.device_get(x)),
-                                                          state.adapter.weights))
+    for path, host, meta in job.to_save(state, epoch + 1, s) if jax.process_index() == 0 else []:
         try:
-            convert.save_adapter(host, job.adapter_file, metadata=job.adapter_meta(epoch + 1, s), overwrite=True)
+            convert.save_adapter(host, path, metadata=meta, overwrite=True)
         except Exception as e:
             if not disk_full(e):
                 raise
             kept = f"it still holds the last complete one ({last_saved})" if last_saved else "none is there yet"
-            raise DiskFull(f"no space left on device while saving the adapter {job.adapter_file} (epoch "
+            raise DiskFull(f"no space left on device while saving the adapter {path} (epoch "
                            f"{epoch + 1}, step {s}); {kept}, and the resume state of this step ({state_dir}) is "
                            "complete: free space, then --from_resume 1 continues from it") from e
     return f"{job.adapter_file} (epoch {epoch + 1}, step {s}; resume state {state_dir})"
@@ -362,7 +432,7 @@ def finish(job: Job, state, history: list, metrics_path: Path, steps: int, answe
         png = Path(cfg.save_dir) / f"{cfg.lora_name}_loss.png"
         skipped = plot_loss(metrics_path, png, title=f"{cfg.lora_name} (rank {cfg.rank})")
         log(skipped or f"loss curve: {png}")
-    summary["answers_after"] = _answers(job, state, "[after] ") if cfg.prompt_list else []
+    summary["answers_after"] = _answers(job, state.adapter, "[after] ") if cfg.prompt_list else []
     log(f"saved adapter {job.adapter_file}; metrics {metrics_path}; total time {time.time() - t_start:.0f}s")
     log(f"chat with it: {chat_command(cfg, job.adapter_file)}")
     log(f"serve it (OpenAI API, model \"{cfg.lora_name}\"; pip install -e '.[serve]' first): "
