@@ -44,6 +44,7 @@ from train.data import DataError
 from train.interrupt import Interrupted
 from train.resume import ResumeError, disk_full
 from train.run import DiskFull, TrainingDiverged, run
+from train.sweep import run_sweep
 
 
 def build_parser():
@@ -89,7 +90,7 @@ def main(argv: Optional[list] = None) -> dict:
         absl.addFilter(_DiskFullLogs())
         sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
     try:
-        return run(cfg)
+        return run_sweep(cfg) if cfg.sweep else run(cfg)
     except DiskFull as e:  # the failed save left the last complete checkpoint as it was; the message says which
         _exit_now(f"error: {e}")
     # What a user can fix (a bad data line or file, unreadable weights, a run that diverged): one line, no traceback.
