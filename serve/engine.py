@@ -7,9 +7,11 @@ KV-cache rows and sampling settings, decoded together by one compiled step.
     req = engine.submit(prompt_ids, adapter="identity", sampling=Sampling(temperature=0), sink=callback)
 
 How it runs (one loop in a background thread; requests join and leave at step boundaries):
-* admit: a waiting request gets the first free slot; its prompt runs through one prefill (batch 1, its own adapter)
-  whose keys/values are copied into the slot's rows of the shared cache, and its first token is chosen. At most one
-  prefill per step, so a new request holds the running ones back by one prefill at most.
+* admit: waiting requests take the free slots in order, several at once: their prompts run through one prefill
+  (P rows, each with its own adapter; P a bucket of the count, P * prompt bucket at most PREFILL_TOKENS unless one
+  prompt alone is longer) whose keys/values are copied into the slots' rows of the shared cache, and their first
+  tokens are chosen. One prefill per step, so arrivals hold the running requests back by one prefill at most, and a
+  burst of arrivals starts together instead of one per step.
 * step: every running slot feeds its last token at its own position (the cache index is per row), its adapter's
   low-rank branch gathered per row from the stacked adapters (`lora.collection`), and chooses its next token.
   Running slots are kept in front (a finished one is replaced by the last), and the step runs over the first R
@@ -52,6 +54,7 @@ from .adapters import AdapterStack
 
 MIN_CACHE = 64  # the smallest cache length
 GROWTH = 4  # cache lengths and row counts are powers of this (few compiled shapes; at most 4x the work needed)
+PREFILL_TOKENS = 1024  # rows * prompt bucket of a prefill of several requests (bounds its compiles and its pause)
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,9 @@ class Engine:
         self.row_sizes = buckets(1, max_batch)
         self.lengths = buckets(min(MIN_CACHE, max_seq_len), max_seq_len)
         self.prompt_sizes = sorted({min(16 << i, max_seq_len) for i in range(24) if 16 << i < 2 * max_seq_len})
+        # (rows, prompt bucket) of the prefills: one request of any length, or several within PREFILL_TOKENS
+        self.prefill_shapes = [(p, tb) for p in self.row_sizes for tb in self.prompt_sizes
+                               if p == 1 or p * tb <= PREFILL_TOKENS]
         self.slots: list[_Slot] = []  # the running requests, slot i in cache row i
         self.waiting: collections.deque[Request] = collections.deque()
         self._wake = threading.Condition()
@@ -217,19 +223,22 @@ class Engine:
                 if other != length:
                     run(programs.resize(cache(length), length=other))
             n += len(self.row_sizes) + len(self.lengths)
-        for tb in self.prompt_sizes:
-            kv, logits, row = programs.prefill(self.params, stack, jnp.full(1, -1, jnp.int32),
-                                               jnp.zeros((1, tb), jnp.int32), jnp.int32(1), config=self.config,
-                                               dtype=self.dtype)
+        for p, tb in self.prefill_shapes:
+            kv, logits, rows = programs.prefill(self.params, stack, jnp.full(p, -1, jnp.int32),
+                                                jnp.zeros((p, tb), jnp.int32), jnp.ones(p, jnp.int32),
+                                                config=self.config, dtype=self.dtype)
             for length in self.lengths:
                 if length >= tb:
-                    run(programs.insert(cache(length), seen(), kv, row, jnp.int32(0)))
+                    run(programs.insert(cache(length), seen(), kv, rows, jnp.arange(p, dtype=jnp.int32)))
                     n += 1
             n += 1
-        prefilled = lambda: jnp.zeros((1, self.config.vocab_size), bool)  # a new request's first token: its own row
+        # new requests' first tokens: the prefill's own seen rows
+        prefilled = lambda p: (lambda: jnp.zeros((p, self.config.vocab_size), bool))
         kinds = list({s.static: s for s in samplings}.values())
         mixes = [c for k in range(1, len(kinds) + 1) for c in itertools.combinations(kinds, k)]  # rows of each kind
-        for rows, target in [(r, seen) for r in self.row_sizes] + [(1, prefilled)]:
+        targets = [(r, seen) for r in self.row_sizes] + [(p, prefilled(p)) for p in sorted(
+            {p for p, _ in self.prefill_shapes}) if p != self.max_batch]  # p == B: the same shapes as `seen`
+        for rows, target in targets:
             for mix in (m for m in mixes if len(m) <= rows):
                 batch = [mix[j % len(mix)] for j in range(rows)]
                 knobs, statics = self._knobs(batch, [0] * rows, [0] * rows)
@@ -253,8 +262,8 @@ class Engine:
                     self._decode()
             except Exception as e:  # a bug, not a request's fault: fail what runs, keep serving
                 self.error = e
-                self._release(range(len(self.slots)), "error")
-        self._release(range(len(self.slots)), "cancelled")
+                self._release(dict.fromkeys(range(len(self.slots)), "error"))
+        self._release(dict.fromkeys(range(len(self.slots)), "cancelled"))
 
     def _drop_cancelled(self) -> None:
         with self._wake:
@@ -263,38 +272,54 @@ class Engine:
                 self.waiting.remove(r)
         for r in gone:
             self._end(r, "cancelled")
-        self._release([i for i, s in enumerate(self.slots) if s.req.cancelled], "cancelled")
+        self._release({i: "cancelled" for i, s in enumerate(self.slots) if s.req.cancelled})
 
     def _admit(self) -> None:
-        if len(self.slots) >= self.max_batch:
-            return
+        free = self.max_batch - len(self.slots)
         with self._wake:
-            if not self.waiting:
-                return
-            req = self.waiting.popleft()
+            reqs = self._take(free)
+        if not reqs:
+            return
         try:
-            stack = self.adapters.arrays()
-            index = -1 if req.handle is None else req.handle.index
-            t = len(req.prompt)
-            tb = _fit(t, self.prompt_sizes)
-            prompt = np.zeros((1, tb), np.int32)
-            prompt[0, :t] = req.prompt
-            kv, logits, seen_row = programs.prefill(self.params, stack, jnp.asarray([index], jnp.int32),
-                                                    jnp.asarray(prompt), jnp.int32(t), config=self.config,
-                                                    dtype=self.dtype)
-            slot = len(self.slots)
-            self._fit(max(tb, t + 1))
-            knobs, statics = self._knobs([req.sampling], [req.seed], [0])
-            token, seen_row = programs.select(logits, seen_row, jnp.zeros(1, jnp.int32), knobs, statics=statics)
-            self.cache, self.seen = programs.insert(self.cache, self.seen, kv, seen_row, jnp.int32(slot))
+            lengths = [len(r.prompt) for r in reqs]
+            p, tb = _fit(len(reqs), self.row_sizes), _fit(max(lengths), self.prompt_sizes)
+            prompts, indices = np.zeros((p, tb), np.int32), np.full(p, -1, np.int32)
+            for j, r in enumerate(reqs):
+                prompts[j, :lengths[j]] = r.prompt
+                indices[j] = -1 if r.handle is None else r.handle.index
+            kv, logits, seen_rows = programs.prefill(
+                self.params, self.adapters.arrays(), jnp.asarray(indices), jnp.asarray(prompts),
+                jnp.asarray(lengths + [1] * (p - len(reqs)), jnp.int32), config=self.config, dtype=self.dtype)
+            self._fit(max(tb, max(lengths) + 1))
+            pad = [None] * (p - len(reqs))
+            knobs, statics = self._knobs([r.sampling for r in reqs] + pad, [r.seed for r in reqs] + [0] * len(pad),
+                                         [0] * p)
+            tokens, seen_rows = programs.select(logits, seen_rows, jnp.arange(p), knobs, statics=statics)
+            first = len(self.slots)
+            slots = np.full(p, self.max_batch, np.int32)  # past the last slot: a padding row, dropped
+            slots[:len(reqs)] = np.arange(first, first + len(reqs))
+            self.cache, self.seen = programs.insert(self.cache, self.seen, kv, seen_rows, jnp.asarray(slots))
+            tokens = np.asarray(tokens)
         except Exception:
-            self._end(req, "error")  # not left waiting forever
+            for r in reqs:
+                self._end(r, "error")  # not left waiting forever
             raise
         self.stats["prefills"] += 1
-        self.slots.append(_Slot(req, t, int(np.asarray(token)[0]), index))
-        reason = self._deliver(slot)
-        if reason is not None:
-            self._release([slot], reason)
+        for j, r in enumerate(reqs):
+            self.slots.append(_Slot(r, lengths[j], int(tokens[j]), int(indices[j])))
+        self._release(self._deliver(range(first, len(self.slots))))
+
+    def _take(self, free: int) -> list[Request]:
+        """The waiting requests the next prefill runs, oldest first: up to `free`, and within PREFILL_TOKENS
+        (rows bucket * prompt bucket) unless the first alone is longer. Call holding self._wake."""
+        taken, longest = [], 0
+        while self.waiting and len(taken) < free:
+            t = max(longest, len(self.waiting[0].prompt))
+            if taken and _fit(len(taken) + 1, self.row_sizes) * _fit(t, self.prompt_sizes) > PREFILL_TOKENS:
+                break
+            taken.append(self.waiting.popleft())
+            longest = t
+        return taken
 
     def _decode(self) -> None:
         self._fit(0)
@@ -314,14 +339,9 @@ class Engine:
         chosen = np.asarray(chosen)
         self.stats["steps"] += 1
         self.stats["busy_slot_steps"] += len(self.slots)
-        ended = {}
         for i, s in enumerate(self.slots):
             s.pos, s.token = s.pos + 1, int(chosen[i])
-            reason = self._deliver(i)
-            if reason is not None:
-                ended.setdefault(reason, []).append(i)
-        for reason, which in ended.items():
-            self._release(which, reason)
+        self._release(self._deliver(range(len(self.slots))))
 
     def _knobs(self, samplings, seeds, steps):
         return programs.knobs_of(samplings, seeds, steps, Sampling(temperature=0).static)
@@ -334,28 +354,31 @@ class Engine:
             self.cache = programs.resize(self.cache, length=length)
             self.cache_len = length
 
-    def _deliver(self, i: int) -> Optional[str]:
-        """Hand slot i's new token to its sink -> why the request ends now, or None."""
-        s = self.slots[i]
-        req = s.req
-        req.generated += 1
-        self.stats["tokens"] += 1
-        keep = req.sink(s.token) is not False
-        if (self.eos is not None and s.token == self.eos) or not keep:
-            return "stop"
-        return "length" if req.generated >= req.max_tokens else None
-
-    def _release(self, which, reason: str) -> None:
-        """End the requests of slots `which`; the last running slots move into the holes (running slots stay in
-        rows 0..n-1, so the step runs over the fewest rows)."""
-        which = set(which)
-        if not which:
-            return
+    def _deliver(self, which) -> dict[int, str]:
+        """Hand each slot in `which` its new token -> {slot: why its request ends now} for those that end."""
+        ended = {}
         for i in which:
+            s = self.slots[i]
+            req = s.req
+            req.generated += 1
+            self.stats["tokens"] += 1
+            keep = req.sink(s.token) is not False
+            if (self.eos is not None and s.token == self.eos) or not keep:
+                ended[i] = "stop"
+            elif req.generated >= req.max_tokens:
+                ended[i] = "length"
+        return ended
+
+    def _release(self, ended: dict[int, str]) -> None:
+        """End the requests of slots {slot: reason}; the last running slots move into the holes (running slots stay
+        in rows 0..n-1, so the step runs over the fewest rows)."""
+        if not ended:
+            return
+        for i, reason in ended.items():
             self._end(self.slots[i].req, reason)
-        n = len(self.slots) - len(which)
-        holes = [i for i in sorted(which) if i < n]
-        movers = [i for i in range(n, len(self.slots)) if i not in which]
+        n = len(self.slots) - len(ended)
+        holes = [i for i in sorted(ended) if i < n]
+        movers = [i for i in range(n, len(self.slots)) if i not in ended]
         for dst, src in zip(holes, movers):
             self.cache, self.seen = programs.move(self.cache, self.seen, jnp.int32(src), jnp.int32(dst))
             self.slots[dst] = self.slots[src]

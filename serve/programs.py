@@ -26,27 +26,34 @@ def _variables(params, stack, adapter_ids):
 
 
 @partial(jax.jit, static_argnames=("config", "dtype"))
-def prefill(params, stack, adapter_ids, prompt, length, *, config, dtype):
-    """prompt [1, T] (real tokens in [:, :length], right-padded) -> (kv per layer, last logits [1, V], seen [1, V])."""
+def prefill(params, stack, adapter_ids, prompts, lengths, *, config, dtype):
+    """prompts [P, T] (row p's real tokens in [p, :lengths[p]], right-padded; P requests admitted together, each
+    with its own adapter) -> (kv per layer, last logits [P, V], seen [P, V])."""
     model = MiniMindForCausalLM(config, dtype)
     variables = _variables(params, stack, adapter_ids)
-    out = model.apply(variables, prompt, cache=init_cache(config, 1, prompt.shape[1], dtype), logits_to_keep=1)
-    h = jax.lax.dynamic_slice_in_dim(out.hidden_states, length - 1, 1, axis=1)  # [1, 1, D] at the last real token
+    p, t = prompts.shape
+    out = model.apply(variables, prompts, cache=init_cache(config, p, t, dtype), logits_to_keep=1)
+    last = jnp.clip(lengths - 1, 0, t - 1)[:, None, None]  # [P, 1, 1]
+    h = jnp.take_along_axis(out.hidden_states, last, axis=1)  # [P, 1, D] at each row's last real token
     logits = model.apply(variables, h, method=MiniMindForCausalLM.logits)[:, 0]
-    real = jnp.arange(prompt.shape[1]) < length
-    seen = jnp.zeros((1, config.vocab_size), bool).at[0, jnp.where(real, prompt[0], config.vocab_size)].set(
+    real = jnp.arange(t)[None, :] < lengths[:, None]  # [P, T]
+    rows = jnp.arange(p)[:, None]
+    seen = jnp.zeros((p, config.vocab_size), bool).at[rows, jnp.where(real, prompts, config.vocab_size)].set(
         True, mode="drop")
     return out.cache["layers"], logits, seen
 
 
 @partial(jax.jit, donate_argnames=("cache", "seen"))
-def insert(cache, seen, kv, seen_row, slot):
-    """Copy a prefill's kv (per layer k [K, H, T], v [K, T, H]) and seen row into slot `slot`'s rows."""
-    k_heads = kv[0]["k"].shape[0]
-    layers = [{"k": jax.lax.dynamic_update_slice(c["k"], n["k"].astype(c["k"].dtype), (slot * k_heads, 0, 0)),
-               "v": jax.lax.dynamic_update_slice(c["v"], n["v"].astype(c["v"].dtype), (slot * k_heads, 0, 0))}
+def insert(cache, seen, kv, seen_rows, slots):
+    """Copy a prefill's P rows (kv per layer: k [P*K, H, T], v [P*K, T, H]; seen rows [P, V]) into the cache's
+    slots `slots` [P]; a slot past the last (B) drops its row (the padding of a prefill bucket)."""
+    k_heads = kv[0]["k"].shape[0] // slots.shape[0]
+    t = kv[0]["k"].shape[2]
+    rows = (slots[:, None] * k_heads + jnp.arange(k_heads)).reshape(-1)  # [P*K]
+    layers = [{"k": c["k"].at[rows, :, :t].set(n["k"].astype(c["k"].dtype), mode="drop"),
+               "v": c["v"].at[rows, :t, :].set(n["v"].astype(c["v"].dtype), mode="drop")}
               for c, n in zip(cache, kv)]
-    return layers, jax.lax.dynamic_update_slice(seen, seen_row, (slot, 0))
+    return layers, seen.at[slots].set(seen_rows, mode="drop")
 
 
 @partial(jax.jit, donate_argnames=("cache", "seen"))

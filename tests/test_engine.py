@@ -186,3 +186,43 @@ def test_after_compile_all_serving_compiles_nothing(tiny):
         engine.stop()
     assert {n: getattr(programs, n)._cache_size() for n in names} == before
     assert set(out.reasons.values()) == {"length"}
+
+
+def test_requests_ending_in_one_step_for_different_reasons_all_end_right(tiny):
+    """Four requests admitted together (one prefill) end at the same step: one because its sink says stop, the one
+    in the last slot by max_tokens. Ending the first moves the last slot into its hole; the second must still end
+    as itself (a release per reason would look it up at its old slot)."""
+    params, _ = tiny
+    engine = Engine(params, TINY, max_batch=4, max_seq_len=64, eos_token_id=None)
+    out = Collect(4)
+
+    class StopAfter3:
+        def __init__(self, inner):
+            self.inner, self.n = inner, 0
+
+        def __call__(self, token):
+            self.n += 1
+            self.inner(token)
+            return self.n < 3
+
+        def done(self, reason):
+            self.inner.done(reason)
+
+    greedy = lambda n: Sampling(max_tokens=n, temperature=0)
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
+    engine.submit(prompts[0], sampling=greedy(10), sink=StopAfter3(out.sink(0)))
+    engine.submit(prompts[1], sampling=greedy(10), sink=out.sink(1))
+    engine.submit(prompts[2], sampling=greedy(10), sink=out.sink(2))
+    engine.submit(prompts[3], sampling=greedy(3), sink=out.sink(3))
+    engine.start()
+    try:
+        for _ in range(4):
+            assert out.left.acquire(timeout=120)
+    finally:
+        engine.stop()
+    assert engine.error is None
+    assert out.reasons == {0: "stop", 1: "length", 2: "length", 3: "length"}
+    assert engine.stats["prefills"] == 1  # the four were admitted together
+    for i, n in enumerate([3, 10, 10, 3]):
+        ref = generate(params, TINY, np.asarray([prompts[i]]), max_new_tokens=n, do_sample=False, eos_token_id=None)
+        assert out.tokens[i] == ref[0, len(prompts[i]):].tolist(), i
