@@ -16,9 +16,11 @@ How it runs (one loop in a background thread; requests join and leave at step bo
   low-rank branch gathered per row from the stacked adapters (`lora.collection`), and chooses its next token.
   Running slots are kept in front (a finished one is replaced by the last), and the step runs over the first R
   rows only, R a bucket of the running count (1, 4, 16, ... up to --max_batch), so one client does not pay for
-  sixteen. Compiled code depends only on R, the cache length (64 * 4^k up to the context, following the longest
-  running request) and the adapter stack's shape (capacity, rank, modules): never on the prompts, the adapters
-  chosen or the mix of requests; `compile_all` compiles all of it before serving.
+  sixteen. While the running set stays as it is, step t+1 is dispatched from step t's tokens on the device before
+  the host reads and hands out step t's, so the host's work overlaps the next step (a request that ends at step t
+  wastes its row of step t+1). Compiled code depends only on R, the cache length (64 * 4^k up to the context,
+  following the longest running request) and the adapter stack's shape (capacity, rank, modules): never on the
+  prompts, the adapters chosen or the mix of requests; `compile_all` compiles all of it before serving.
 * token choice: MiniMind's definitions (`minimind_jax.sampling`), each row with its own temperature, top_p,
   repetition penalty and seed; row b's draw at step s is `uniform(fold_in(key(seed), s))`, the draw `generate`
   makes for a one-row batch, so a request with a seed gets what `generate(..., seed=seed)` gets. Rows are grouped
@@ -322,26 +324,60 @@ class Engine:
         return taken
 
     def _decode(self) -> None:
-        self._fit(0)
+        """Decode steps while the running set stays as it is. Step t+1 is dispatched from step t's tokens where they
+        are (on the device) before step t's are read and handed out, so the host's delivery of one step overlaps the
+        device's next; a row whose request ends at step t computed one step for nothing, which is dropped."""
         rows = _fit(len(self.slots), self.row_sizes)
-        tokens, positions = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
-        adapter_ids = np.full(rows, -1, np.int32)
+        chosen = self._step(rows, 0, None)
+        while True:
+            ahead = self._step(rows, 1, chosen) if self._steady() else None
+            ended = self._collect(chosen, {})
+            if ahead is None:
+                break
+            if ended:
+                ended.update(self._collect(ahead, ended))
+                break
+            chosen = ahead
+        self._release(ended)
+
+    def _steady(self) -> bool:
+        """Will every running request still run after the step in flight (as far as the host knows), and is no
+        waiting request due to join?"""
+        with self._wake:
+            if not self._running or (self.waiting and len(self.slots) < self.max_batch):
+                return False
+        return not any(s.req.cancelled or s.req.generated + 1 >= s.req.max_tokens for s in self.slots)
+
+    def _step(self, rows: int, ahead: int, tokens) -> jax.Array:
+        """Dispatch one step over the first `rows` slots: each fed its token (`tokens`: the step before's device
+        output, or None: the slots' own) at its position + `ahead` -> the chosen tokens [R], on the device."""
+        self._fit(max(s.pos for s in self.slots) + 1 + ahead)
+        positions, adapter_ids = np.zeros(rows, np.int32), np.full(rows, -1, np.int32)
         for i, s in enumerate(self.slots):
-            tokens[i], positions[i], adapter_ids[i] = s.token, s.pos, s.adapter_index
+            positions[i], adapter_ids[i] = s.pos + ahead, s.adapter_index
+        if tokens is None:
+            tokens = np.zeros(rows, np.int32)
+            tokens[:len(self.slots)] = [s.token for s in self.slots]
+            tokens = jnp.asarray(tokens)
         logits, self.cache = programs.step(self.params, self.adapters.arrays(), jnp.asarray(adapter_ids), self.cache,
-                                           jnp.asarray(tokens), jnp.asarray(positions), config=self.config,
-                                           dtype=self.dtype)
+                                           tokens, jnp.asarray(positions), config=self.config, dtype=self.dtype)
         pad = [None] * (rows - len(self.slots))
         knobs, statics = self._knobs([s.req.sampling for s in self.slots] + pad,
                                      [s.req.seed for s in self.slots] + [0] * len(pad),
-                                     [s.req.generated for s in self.slots] + [0] * len(pad))
+                                     [s.req.generated + ahead for s in self.slots] + [0] * len(pad))
         chosen, self.seen = programs.select(logits, self.seen, jnp.arange(rows), knobs, statics=statics)
-        chosen = np.asarray(chosen)
         self.stats["steps"] += 1
         self.stats["busy_slot_steps"] += len(self.slots)
-        for i, s in enumerate(self.slots):
+        return chosen
+
+    def _collect(self, chosen, skip: dict) -> dict[int, str]:
+        """Read a step's tokens and hand them to the running slots but `skip` (ended before it) -> the ended."""
+        chosen = np.asarray(chosen)
+        keep = [i for i in range(len(self.slots)) if i not in skip]
+        for i in keep:
+            s = self.slots[i]
             s.pos, s.token = s.pos + 1, int(chosen[i])
-        self._release(self._deliver(range(len(self.slots))))
+        return self._deliver(keep)
 
     def _knobs(self, samplings, seeds, steps):
         return programs.knobs_of(samplings, seeds, steps, Sampling(temperature=0).static)

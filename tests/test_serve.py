@@ -328,7 +328,8 @@ def test_an_adapter_trained_over_a_random_base_is_served_over_that_base(tmp_path
     try:
         r = httpx.post(url + "/v1/chat/completions", json={"model": "lora_identity", "temperature": 0,
                                                            "max_tokens": 10,
-                                                           "messages": [{"role": "user", "content": "你是谁？"}]})
+                                                           "messages": [{"role": "user", "content": "你是谁？"}]},
+                       timeout=300)  # --warmup 0: the first request compiles
         ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "你是谁？"}],
                                                              add_generation_prompt=True))
         ref = generate(lora.merge(params, adapter), config, np.asarray([ids]), max_new_tokens=10, do_sample=False,
