@@ -189,9 +189,10 @@ def test_after_compile_all_serving_compiles_nothing(tiny):
 
 
 def test_requests_ending_in_one_step_for_different_reasons_all_end_right(tiny):
-    """Four requests admitted together (one prefill) end at the same step: one because its sink says stop, the one
-    in the last slot by max_tokens. Ending the first moves the last slot into its hole; the second must still end
-    as itself (a release per reason would look it up at its old slot)."""
+    """Four requests admitted together (one prefill). The first's sink says stop at its 3rd token, which the host
+    learns only after the next step was dispatched for every row: that row's next token is dropped, the others'
+    are theirs; in that step the last slot ends by max_tokens. Both end in one release: ending the first moves
+    the last slot into its hole, and the last must still end as itself."""
     params, _ = tiny
     engine = Engine(params, TINY, max_batch=4, max_seq_len=64, eos_token_id=None)
     out = Collect(4)
@@ -213,7 +214,7 @@ def test_requests_ending_in_one_step_for_different_reasons_all_end_right(tiny):
     engine.submit(prompts[0], sampling=greedy(10), sink=StopAfter3(out.sink(0)))
     engine.submit(prompts[1], sampling=greedy(10), sink=out.sink(1))
     engine.submit(prompts[2], sampling=greedy(10), sink=out.sink(2))
-    engine.submit(prompts[3], sampling=greedy(3), sink=out.sink(3))
+    engine.submit(prompts[3], sampling=greedy(4), sink=out.sink(3))
     engine.start()
     try:
         for _ in range(4):
@@ -223,6 +224,6 @@ def test_requests_ending_in_one_step_for_different_reasons_all_end_right(tiny):
     assert engine.error is None
     assert out.reasons == {0: "stop", 1: "length", 2: "length", 3: "length"}
     assert engine.stats["prefills"] == 1  # the four were admitted together
-    for i, n in enumerate([3, 10, 10, 3]):
+    for i, n in enumerate([3, 10, 10, 4]):
         ref = generate(params, TINY, np.asarray([prompts[i]]), max_new_tokens=n, do_sample=False, eos_token_id=None)
         assert out.tokens[i] == ref[0, len(prompts[i]):].tolist(), i
