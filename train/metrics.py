@@ -95,7 +95,7 @@ def _plot(curves: dict, png_path, title: str) -> Optional[str]:
         ax.legend(fontsize="small")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_title(title)
+    ax.set_title(title, fontsize="medium" if len(title) < 70 else "small")  # a sweep's title lists its values
     ax.grid(alpha=0.3)
     fig.tight_layout()
     png_path = Path(png_path)

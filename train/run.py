@@ -127,7 +127,7 @@ def drive(job: Job, state, on_step=None, t_start: Optional[float] = None) -> dic
         if positions and jax.process_count() == 1:  # compile the first batch's step while the prompts are answered
             _precompile(job, state, positions[0])
         answers_before = []
-        if job.cfg.prompt_list and resumed_at is None:  # every adapter starts with B = 0: the base's answers
+        if job.cfg.prompt_list and resumed_at is None:  # a sweep's members start alike (B = 0, or one --from_lora)
             answers_before = _answers(job, job.adapters(state)[0][1], "[before]")
         metrics = job.open_metrics(resumed_at)
         if metrics.note:
