@@ -169,9 +169,8 @@ def setup(cfg: RunConfig):
         mcfg = dataclasses.replace(cfg, sweep=None, **dict(sm.settings))
         init, _ = job_lib.make_adapter(mcfg, ready.params)
         name = f"{cfg.lora_name}_{sm.tag}"
-        members.append(Member(sm.tag, dict(sm.settings), name, mcfg, init, adapter_path(cfg.save_dir, name,
-                                                                                          ready.config),
-                              Path(cfg.save_dir) / f"{name}_metrics.jsonl"))
+        files = adapter_path(cfg.save_dir, name, ready.config), Path(cfg.save_dir) / f"{name}_metrics.jsonl"
+        members.append(Member(sm.tag, dict(sm.settings), name, mcfg, init, *files))
     ranks = sorted({r for m in members for r in m.init.ranks.values()})
     widest = max(members, key=lambda m: m.init.num_params()).init
     run_lib.log(f"sweep: {len(members)} adapters trained together over one base and one pass of the data "
@@ -194,8 +193,8 @@ def setup(cfg: RunConfig):
 
 
 def pad_to(adapter: lora_lib.Adapter, widest: lora_lib.Adapter, keep_scale: bool) -> lora_lib.Adapter:
-    """`adapter` with A's columns and B's rows zero-padded to `widest`'s rank per module (scale 1 unless
-    keep_scale: the members' scales then differ and ride on the gain)."""
+    """`adapter` with A's columns and B's rows zero-padded to `widest`'s rank per module; keep_scale=False (members
+    of several ranks) drops alpha: the stack's scale is 1 and each member's own rides on its gain."""
     def pad(ab, ref):
         extra = ref["A"].shape[-1] - ab["A"].shape[-1]
         return {"A": jnp.pad(ab["A"], ((0, 0), (0, extra))), "B": jnp.pad(ab["B"], ((0, extra), (0, 0)))}
