@@ -25,6 +25,10 @@ JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID). --batch_size is t
 writes the adapter and the metrics. --from_resume 1 may continue on another number of processes.
 On a CPU, the cores are split into several XLA devices by default (`--cpu_devices 0`: one per core, at most 8, a
 divisor of the batch), which makes steps faster; `--cpu_devices 1` keeps one device.
+
+Several adapters in one run (train/sweep.py): `--sweep learning_rate=1e-4,3e-4,1e-3` (also seed=..., rank=...;
+several --sweep flags make the product) trains one adapter per value in one compiled step over the shared base and
+batches, each equal to its solo run, and ends with a table of their final and best losses.
 """
 from __future__ import annotations
 
