@@ -25,6 +25,7 @@ import numpy as np
 import convert
 import lora
 from minimind_jax import MiniMindForCausalLM
+from minimind_jax.generate import generate
 from minimind_jax.tokenizer import load_tokenizer
 from train.batch import IGNORE
 from train.config import BUNDLED_DATA, RunConfig
@@ -150,6 +151,23 @@ class Lab:
             return []
         return answer(self.params, self.config, adapter, self.tokenizer, prompts, self.args.max_new_tokens,
                       jnp.float32)
+
+    def answers_per_row(self, adapters: list, prompts: list[str]) -> list[str]:
+        """Greedy answers of one batch in one generate call, row i over base + adapters[i] (the "lora" collection
+        gathered per row, as the server batches requests): nothing is merged, so the adapters cannot interfere."""
+        if self.args.max_new_tokens <= 0:
+            return []
+        ids = [self.tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                                  tokenize=True) for q in prompts]
+        t = max(len(x) for x in ids)
+        batch = np.full((len(ids), t), self.tokenizer.pad_token_id, np.int32)
+        mask = np.zeros((len(ids), t), np.int32)
+        for i, x in enumerate(ids):  # left-padded, as generate expects
+            batch[i, t - len(x):], mask[i, t - len(x):] = x, 1
+        out = generate(self.params, self.config, batch, attention_mask=mask, max_new_tokens=self.args.max_new_tokens,
+                       do_sample=False, eos_token_id=self.tokenizer.eos_token_id,
+                       lora=lora.collection(adapters, adapter_ids=list(range(len(adapters)))))
+        return [self.tokenizer.decode(row[t:], skip_special_tokens=True).strip() for row in out]
 
 
 def peft_linear(adapters, weights) -> lora.Adapter:

@@ -9,8 +9,8 @@ greedy answers of each adapter and of the combination to one question of each ki
 
 On the random demo base the two adapters are not small edits of a competent model: each also learns the chat
 format and the common tokens from scratch, so their sum counts that twice and the two interfere (the table shows
-by how much); grad_through_merge.py learns better weights, and per-row adapters (evaluate_many.py, the server)
-give each request its own adapter with no interference at all.
+by how much); grad_through_merge.py learns the weights, and the last lines answer both questions in one batch with
+each row's own adapter (lora.collection, as the server batches requests), where nothing is merged.
 
     python examples/compose.py [--out out/examples] [--weights 1,1]
 """
@@ -44,12 +44,19 @@ def main(argv=None) -> dict:
     gap = relative_delta_gap(models[4][2], models[3][2])
     print(f"PEFT linear's delta differs from the exact weighted sum by {gap:.1%} of the sum's norm (the cross terms)")
     answers: dict = {}
-    for q in (PROMPTS["identity"][0], PROMPTS["capitals"][1]) if args.max_new_tokens > 0 else ():
+    qs = [PROMPTS["identity"][0], PROMPTS["capitals"][1]] if args.max_new_tokens > 0 else []
+    for q in qs:
         print(f"\n{q}")
         for k, label, m in models[1:4]:
             answers[(q, k)] = lab.answers(m, [q])[0]
             print(f"  {label:<24} {answers[(q, k)]!r}")
+    if qs:
+        answers["per_row"] = lab.answers_per_row([a, b], qs)
+        print("\none batch, each row with its own adapter (lora.collection with adapter_ids, as the server does):")
+        for q, ans in zip(qs, answers["per_row"]):
+            print(f"  {q} -> {ans!r}")
     return {"losses": losses, "kept": kept, "cross_term_gap": gap, "answers": answers}
+
 
 if __name__ == "__main__":
     main()
