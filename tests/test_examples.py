@@ -98,7 +98,7 @@ def test_compress(examples):
 
 def test_evaluate_many(examples):
     r = examples("evaluate_many", "--n_adapters", "4")
-    assert len(r["vmap"]) == 4 and r["max_diff"] < 1e-5
+    assert len(r["vmap"]) == len(r["per_row"]) == 4 and r["max_diff"] < 1e-5  # vmap and per-row vs separate
     assert len(set(np.round(r["separate"], 5))) == 4  # four different adapters, four different scores
 
 
