@@ -36,11 +36,14 @@ Legend: B slots (max_batch), R rows run (a bucket of the running count), S cache
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import itertools
+import os
 import random
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Optional
 
 import jax
@@ -206,48 +209,48 @@ class Engine:
     def active(self) -> int:
         return len(self.slots)
 
-    def compile_all(self, samplings=(Sampling(temperature=0), Sampling())) -> int:
+    def compile_all(self, samplings=(Sampling(temperature=0), Sampling()), threads: Optional[int] = None) -> int:
         """Compile, before serving, what requests would otherwise compile on first use (pausing the running ones):
-        the decode step for every row bucket and cache length, the prefill for every prompt bucket (with the adapter
-        stack as it is now), the copies between them and the token choice for `samplings` and any mix of them in
-        one batch. Call before `start`.
-        -> the number of programs compiled."""
-        stack, n, run = self.adapters.arrays(), 0, jax.block_until_ready
-        cache = lambda length: init_cache(self.config, self.max_batch, length, self.dtype)["layers"]
-        seen = lambda: jnp.zeros((self.max_batch, self.config.vocab_size), bool)
+        the decode step for every row bucket and cache length, the prefill for every (rows, prompt bucket) shape
+        (with the adapter stack as it is now), the copies between them and the token choice for `samplings` and any
+        mix of them in one batch, `threads` (default: one per core, at most 8) compiling at once. Call before
+        `start`. -> the number of programs compiled."""
+        stack, cfg, dt = self.adapters.arrays(), self.config, self.dtype
+        cache = lambda length: init_cache(cfg, self.max_batch, length, dt)["layers"]
+        seen = lambda: jnp.zeros((self.max_batch, cfg.vocab_size), bool)
+        tasks = []  # thunks, each running one program once on zeros (which compiles it)
         for length in self.lengths:
             for rows in self.row_sizes:
-                zeros = jnp.zeros(rows, jnp.int32)
-                run(programs.step(self.params, stack, zeros - 1, cache(length), zeros, zeros, config=self.config,
-                                  dtype=self.dtype))
-            run(programs.move(cache(length), seen(), jnp.int32(0), jnp.int32(0)))
-            for other in self.lengths:
-                if other != length:
-                    run(programs.resize(cache(length), length=other))
-            n += len(self.row_sizes) + len(self.lengths)
+                z = lambda rows=rows: jnp.zeros(rows, jnp.int32)
+                tasks.append(lambda z=z, length=length: programs.step(self.params, stack, z() - 1, cache(length), z(),
+                                                                      z(), config=cfg, dtype=dt))
+            tasks.append(lambda length=length: programs.move(cache(length), seen(), jnp.int32(0), jnp.int32(0)))
+            tasks += [lambda length=length, other=other: programs.resize(cache(length), length=other)
+                      for other in self.lengths if other != length]
         for p, tb in self.prefill_shapes:
-            kv, logits, rows = programs.prefill(self.params, stack, jnp.full(p, -1, jnp.int32),
-                                                jnp.zeros((p, tb), jnp.int32), jnp.ones(p, jnp.int32),
-                                                config=self.config, dtype=self.dtype)
-            for length in self.lengths:
-                if length >= tb:
-                    run(programs.insert(cache(length), seen(), kv, rows, jnp.arange(p, dtype=jnp.int32)))
-                    n += 1
-            n += 1
+            args = lambda p=p, tb=tb: (self.params, stack, jnp.full(p, -1, jnp.int32), jnp.zeros((p, tb), jnp.int32),
+                                       jnp.ones(p, jnp.int32))
+            tasks.append(lambda args=args: programs.prefill(*args(), config=cfg, dtype=dt))
+            kv, _, rows = jax.eval_shape(partial(programs.prefill, config=cfg, dtype=dt), *args())
+            zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), tree)
+            tasks += [lambda length=length, kv=kv, rows=rows, p=p: programs.insert(
+                cache(length), seen(), zeros(kv), zeros(rows), jnp.arange(p, dtype=jnp.int32))
+                for length in self.lengths if length >= tb]
         # new requests' first tokens: the prefill's own seen rows
-        prefilled = lambda p: (lambda: jnp.zeros((p, self.config.vocab_size), bool))
+        prefilled = lambda p: (lambda: jnp.zeros((p, cfg.vocab_size), bool))
         kinds = list({s.static: s for s in samplings}.values())
         mixes = [c for k in range(1, len(kinds) + 1) for c in itertools.combinations(kinds, k)]  # rows of each kind
         targets = [(r, seen) for r in self.row_sizes] + [(p, prefilled(p)) for p in sorted(
             {p for p, _ in self.prefill_shapes}) if p != self.max_batch]  # p == B: the same shapes as `seen`
         for rows, target in targets:
             for mix in (m for m in mixes if len(m) <= rows):
-                batch = [mix[j % len(mix)] for j in range(rows)]
-                knobs, statics = self._knobs(batch, [0] * rows, [0] * rows)
-                logits = jnp.zeros((rows, self.config.vocab_size))
-                run(programs.select(logits, target(), jnp.arange(rows), knobs, statics=statics))
-                n += 1
-        return n
+                knobs, statics = self._knobs([mix[j % len(mix)] for j in range(rows)], [0] * rows, [0] * rows)
+                tasks.append(lambda rows=rows, target=target, knobs=knobs, statics=statics: programs.select(
+                    jnp.zeros((rows, cfg.vocab_size)), target(), jnp.arange(rows), knobs, statics=statics))
+        # XLA compiles with the GIL released: programs compile side by side, one per core
+        with concurrent.futures.ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
+            list(pool.map(lambda task: jax.block_until_ready(task()), tasks))
+        return len(tasks)
 
     # -- the scheduler thread -------------------------------------------------------------------------------------
     def _loop(self) -> None:
