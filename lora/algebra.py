@@ -12,8 +12,8 @@ scale), and is exact in that sense (up to fp32 rounding of the factors):
     stack(ads)         N adapters side by side for multi-adapter batches (`lora.apply(..., adapter_ids=...)`)
 
 Why concatenation: `[A1 | A2] @ [[s1·B1], [s2·B2]] = s1·A1@B1 + s2·A2@B2` — block matrix product, no cross terms.
-PEFT's `add_weighted_adapter(combination_type="linear")` instead sums the factors, A = Σ √wi·si·Ai and
-B = Σ √wi·Bi, whose product is Σ wi·si·Ai@Bi PLUS the cross terms Σ_{i≠j} √(wi·wj)·si·Ai@Bj: it keeps the rank
+PEFT's `add_weighted_adapter(combination_type="linear")` instead sums the factors, A = Σ √(wi·si)·Ai and
+B = Σ √(wi·si)·Bi, whose product is Σ wi·si·Ai@Bi PLUS the cross terms Σ_{i≠j} √(wi·si·wj·sj)·Ai@Bj: it keeps the rank
 fixed but is not the weighted sum of the adapters (tests/test_lora.py measures the difference). Use
 `svd_truncate(combine(...), r)` when a fixed rank is wanted: it is the closest rank-r adapter to the exact sum.
 
@@ -142,7 +142,7 @@ def combine(adapters: Sequence[Adapter], weights: Optional[Sequence[float]] = No
     """Weighted combination Δ = Σ wi·Δi, exactly (no cross terms): `concat(scale(a_i, w_i) ...)`, rank Σ ri.
 
     `weights=None` means all ones (plain sum). Unlike PEFT's "linear" combination (factors summed, rank kept,
-    cross terms √(wi·wj)·Ai@Bj added), this is the true weighted sum; follow with `svd_truncate` for a fixed rank.
+    cross terms √(wi·si·wj·sj)·Ai@Bj added), this is the true weighted sum; follow with `svd_truncate` for a fixed rank.
     """
     ads = _adapters((adapters,))
     if weights is None:

@@ -244,13 +244,15 @@ def test_scale_negate():
 
 
 def peft_linear(adapters, weights):
-    """PEFT's add_weighted_adapter(combination_type="linear"): factors summed (same ranks required),
-    A = sum sqrt(w_i)*s_i*A_i, B = sum sqrt(w_i)*B_i."""
+    """PEFT's add_weighted_adapter(combination_type="linear") (its _generalized_task_arithmetic_weighted_adapter):
+    factors summed (same ranks required), each weighted by sqrt(w_i * scaling_i): A = sum sqrt(w_i s_i) A_i,
+    B = sum sqrt(w_i s_i) B_i, the new adapter's alpha = its rank (scaling 1)."""
     out = {}
     for p, _ in adapters[0].modules():
         abs_ = [lora.core._get(ad.weights, p) for ad in adapters]
-        A = sum(np.sqrt(w) * ad.scale(ab["A"].shape[-1]) * ab["A"] for ad, ab, w in zip(adapters, abs_, weights))
-        B = sum(np.sqrt(w) * ab["B"] for ab, w in zip(abs_, weights))
+        g = [np.sqrt(w * ad.scale(ab["A"].shape[-1])) for ad, ab, w in zip(adapters, abs_, weights)]
+        A = sum(gi * ab["A"] for gi, ab in zip(g, abs_))
+        B = sum(gi * ab["B"] for gi, ab in zip(g, abs_))
         lora.core._set(out, p, {"A": A, "B": B})
     return lora.Adapter(out)
 
@@ -258,19 +260,18 @@ def peft_linear(adapters, weights):
 def test_combine_has_no_cross_terms_unlike_peft_linear():
     _, params = setup("v2")
     a = randomize_b(lora.init(params, jax.random.key(20), rank=3, alpha=6.0), 21)
-    b = randomize_b(lora.init(params, jax.random.key(22), rank=3, alpha=6.0), 23)
+    b = randomize_b(lora.init(params, jax.random.key(22), rank=3, alpha=1.5), 23)  # other scales: 2 and 0.5
     w = [0.7, 0.3]
     exact = add_deltas((w[0], deltas(a)), (w[1], deltas(b)))
     c = lora.combine([a, b], w)
     assert c.ranks["model.layers.0.self_attn.q_proj"] == 6
     assert_deltas(deltas(c), exact)
     peft = deltas(peft_linear([a, b], w))
-    s = a.scale(3)
-    for k in exact:  # PEFT's delta = exact + sqrt(w0 w1) * s * (A_a @ B_b + A_b @ B_a)
+    s = np.sqrt(w[0] * a.scale(3) * w[1] * b.scale(3))
+    for k in exact:  # PEFT's delta = exact + sqrt(w0 s_a w1 s_b) * (A_a @ B_b + A_b @ B_a)
         ab_a = lora.core._get(a.weights, tuple(k.split("/")))
         ab_b = lora.core._get(b.weights, tuple(k.split("/")))
-        cross = np.sqrt(w[0] * w[1]) * s * (np.asarray(ab_a["A"]) @ np.asarray(ab_b["B"])
-                                            + np.asarray(ab_b["A"]) @ np.asarray(ab_a["B"]))
+        cross = s * (np.asarray(ab_a["A"]) @ np.asarray(ab_b["B"]) + np.asarray(ab_b["A"]) @ np.asarray(ab_a["B"]))
         np.testing.assert_allclose(np.asarray(peft[k]) - np.asarray(exact[k]), cross, atol=1e-6)
         assert np.linalg.norm(cross) > 0.1 * np.linalg.norm(np.asarray(exact[k]))
     with pytest.raises(ValueError, match="2 adapters but 1 weights"):
