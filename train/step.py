@@ -312,6 +312,6 @@ def make_eval_loss(model, *, labels_only: bool = True):
 
     @partial(jax.jit, static_argnames=("cap",))
     def f(adapter, params, batch, cap=None):
-        return loss_fn(adapter, params, batch, model=model, cap=cap if labels_only else None, deterministic=False)
+        return loss_fn(adapter, params, batch, model=model, cap=cap if labels_only else None, deterministic=True)
 
     return f
