@@ -218,12 +218,13 @@ class Engine:
         stack, cfg, dt = self.adapters.arrays(), self.config, self.dtype
         cache = lambda length: init_cache(cfg, self.max_batch, length, dt)["layers"]
         seen = lambda: jnp.zeros((self.max_batch, cfg.vocab_size), bool)
+        zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), tree)  # of shape structs
+        ids = lambda rows: jnp.zeros(rows, jnp.int32)
         tasks = []  # thunks, each running one program once on zeros (which compiles it)
         for length in self.lengths:
-            for rows in self.row_sizes:
-                z = lambda rows=rows: jnp.zeros(rows, jnp.int32)
-                tasks.append(lambda z=z, length=length: programs.step(self.params, stack, z() - 1, cache(length), z(),
-                                                                      z(), config=cfg, dtype=dt))
+            tasks += [lambda rows=rows, length=length: programs.step(
+                self.params, stack, ids(rows) - 1, cache(length), ids(rows), ids(rows), config=cfg, dtype=dt)
+                for rows in self.row_sizes]
             tasks.append(lambda length=length: programs.move(cache(length), seen(), jnp.int32(0), jnp.int32(0)))
             tasks += [lambda length=length, other=other: programs.resize(cache(length), length=other)
                       for other in self.lengths if other != length]
@@ -232,7 +233,6 @@ class Engine:
                                        jnp.ones(p, jnp.int32))
             tasks.append(lambda args=args: programs.prefill(*args(), config=cfg, dtype=dt))
             kv, _, rows = jax.eval_shape(partial(programs.prefill, config=cfg, dtype=dt), *args())
-            zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), tree)
             tasks += [lambda length=length, kv=kv, rows=rows, p=p: programs.insert(
                 cache(length), seen(), zeros(kv), zeros(rows), jnp.arange(p, dtype=jnp.int32))
                 for length in self.lengths if length >= tb]
