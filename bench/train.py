@@ -79,7 +79,11 @@ def ours_epoch(args, variant: str, base, work: Path, tag: str) -> dict:
     rows = [json.loads(line) for line in (out / "lora_identity_metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows]
     shapes = re.findall(r"\((\d+) shape\(s\) of batch\)", out.with_suffix(".log").read_text(errors="replace"))
+    # positions the steps computed (padding included) per second of steps 2..N: no compile, no start-up
+    steady_s = rows[-1]["time_s"] - rows[0]["time_s"] if len(rows) > 1 else None
+    positions_per_s = sum(r["positions"] for r in rows[1:]) / steady_s if steady_s else None
     return {"variant": variant, "wall_s": wall, "compile_s": rows[-1]["compile_s"], "updates": len(rows),
+            "positions": sum(r["positions"] for r in rows), "positions_per_s": positions_per_s,
             "shapes": int(shapes[-1]) if shapes else None,
             "loss_mean_last_quarter": statistics.mean(losses[-max(1, len(losses) // 4):]), "losses": losses,
             "peak_rss_mib": rss, "rows": sum(r["rows"] for r in rows)}
@@ -99,7 +103,7 @@ def torch_epoch(args, work: Path, tag: str, save_base=None) -> dict:
     r = result_line(log)
     return {"wall_s": wall, "epoch_wall_s": r["epoch_wall_s"], "updates": r["steps_epoch"],
             "loss_mean_last_quarter": r["loss_mean_last_quarter"], "peak_rss_mib": r["peak_rss_mib"],
-            "tokens_real": r["tokens_real"]}
+            "tokens_real": r["tokens_real"], "positions": r["tokens_total"]}
 
 
 def torch_step(args, work: Path, tag: str) -> dict:
@@ -219,6 +223,23 @@ def report(rnd: dict) -> None:
             line += (f" -> {t['epoch_wall_s'] / o['wall_s']:.2f}x less than PyTorch's epoch "
                      f"(loss {o['loss_mean_last_quarter'] - t['loss_mean_last_quarter']:+.4f})")
         print(line)
+        if t and o.get("positions_per_s"):
+            print("    " + decompose(t, o))
+
+
+def decompose(t: dict, o: dict) -> str:
+    """The ratio as (fewer positions) x (positions/s against PyTorch's) x (share of our process spent in steady
+    steps), and what 100% fill would give at the same speed: where a speed-up can still come from."""
+    fewer = t["positions"] / o["positions"]
+    speed = o["positions_per_s"] / (t["positions"] / t["epoch_wall_s"])
+    steady = (o["positions"] / o["positions_per_s"]) / o["wall_s"]
+    overhead = o["wall_s"] - o["positions"] / o["positions_per_s"]
+    ceiling = t["epoch_wall_s"] / (t["tokens_real"] / o["positions_per_s"] + overhead)
+    fill = t["tokens_real"] / o["positions"]
+    return (f"= {fewer:.2f}x fewer positions ({o['positions']:,} computed, fill {fill:.0%}; "
+            f"PyTorch {t['positions']:,}) x {speed:.2f} positions/s of PyTorch's ({o['positions_per_s']:.0f} vs "
+            f"{t['positions'] / t['epoch_wall_s']:.0f}) x {steady:.2f} of the process in steady steps (start-up, "
+            f"compile and first step {overhead:.1f} s); at 100% fill and this speed: {ceiling:.2f}x")
 
 
 if __name__ == "__main__":

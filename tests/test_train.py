@@ -110,6 +110,7 @@ def test_prepare_batch_chunks():
     assert chunks["input_ids"].shape[:2] == (4, 2) and n == 3 and cap is None and stats["rows"] == 5
     flat = {k: v.reshape(8, -1) for k, v in chunks.items()}
     t = flat["labels"].shape[1]
+    assert stats["positions"] == 3 * 2 * t  # what the step computes: 3 chunks of 2 rows, the 6th row padding
     np.testing.assert_array_equal(flat["labels"][:5], batch["labels"][:, :t])
     assert (flat["labels"][5:] == B.IGNORE).all()  # padding rows hold no label
     assert (batch["labels"][:, t:] == B.IGNORE).all()  # trimming cut only unlabelled columns
@@ -402,7 +403,9 @@ def test_cli_end_to_end(tiny_data, tmp_path):
     total = rows[-1]["step"]
     for r in rows:
         assert r["lr"] == pytest.approx(S.get_lr(r["step"], total, 5e-3))
+        assert r["positions"] >= r["rows"] * 2  # padded rows of at least 2 tokens each
     assert all(np.isfinite(r["loss"]) for r in rows)
+    assert all(a["time_s"] <= b["time_s"] for a, b in zip(rows, rows[1:]))  # seconds since the loop started
     b_trained = [np.abs(np.asarray(x)).max() > 0 for x in jax.tree.leaves(adapter.weights) if x.shape[0] == 8]
     assert any(b_trained)
     assert len(out["answers_before"]) == 2 and len(out["answers_after"]) == 2

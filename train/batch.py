@@ -31,7 +31,8 @@ def prepare_batch(batch: dict, *, devices: int = 1, rows_per_device: int = 1, ma
     labels_only: cap = (devices, C): C the largest count of labelled (shifted) positions of any device's rows in
       any chunk, bucketed (16, 24, 32, 48, ...); the step projects only those to the vocabulary, gathering per
       device (labelled_nll's groups). None (full logits) when labels_only is False or C is over half the positions.
-    stats: {"tokens": non-padding tokens, "labelled": labelled tokens, "rows": R, "need_t", "need_cap"}.
+    stats: {"tokens": non-padding tokens, "labelled": labelled tokens, "rows": R, "positions": the positions the step
+      computes (n_chunks * P * T': padding rows of the last chunk and padding tails included), "need_t", "need_cap"}.
     """
     labels = batch["labels"]
     r, t = labels.shape
@@ -60,5 +61,6 @@ def prepare_batch(batch: dict, *, devices: int = 1, rows_per_device: int = 1, ma
     cap = bucket_length(need_cap, maximum=positions)
     # Gathering pays only when it drops most positions; short of that, full logits keep the compiled shapes few.
     cap = (devices, cap) if labels_only and cap <= positions // 2 else None
-    stats = {"tokens": tokens, "labelled": int(valid.sum()), "rows": r, "need_t": need_t, "need_cap": need_cap}
+    stats = {"tokens": tokens, "labelled": int(valid.sum()), "rows": r, "positions": n_chunks * per * tb,
+             "need_t": need_t, "need_cap": need_cap}
     return out, n_chunks, cap, stats

@@ -271,7 +271,7 @@ def train_loop(job: Job, state, positions, metrics: MetricsWriter, on_step):
     stop = StopRequests().install()
     prefetch = Prefetcher(batches.loader, positions, batches.prepare)
     history, last_saved, done, saved = [], None, None, None
-    window = {"tokens": 0, "t0": time.time()}  # throughput since the last log step
+    window = {"tokens": 0, "t0": time.time(), "start": time.time()}  # throughput since the last log step
     try:
         for epoch, s0, (arrays, n_chunks, cap, stats) in prefetch:
             s = s0 + 1  # MiniMind counts steps from 1 within the epoch
@@ -344,6 +344,7 @@ def _log_step(job: Job, m: dict, at, lr: float, stats: dict, window: dict, last_
     rec = {"step": g, "epoch": epoch + 1, "epoch_step": s, "loss": float(m["loss"]),
            "aux_loss": float(m["aux_loss"]), "lr": lr, "grad_norm": float(m["grad_norm"]),
            "tokens_per_s": window["tokens"] / max(dt, 1e-9), "rows": stats["rows"],
+           "positions": stats["positions"] * jax.process_count(), "time_s": round(time.time() - window["start"], 3),
            "compile_s": round(job.train_step.total_compile_s(), 3)}
     window.update(tokens=0, t0=time.time())
     log(f"Epoch:[{epoch + 1}/{job.cfg.epochs}]({s}/{job.batches.iters[epoch]}) loss: {rec['loss']:.4f} "
