@@ -172,12 +172,14 @@ class SFTLoader:
         return best[1], best[2]
 
     def fill_ratio(self, epoch: int) -> float:
-        """Fraction of real tokens in the rows this host's batches hold over an epoch (padding efficiency)."""
+        """Fraction of real tokens in the rows this host's steps compute over an epoch (padding efficiency): packed
+        rows counted in whole groups of row_multiple (the empty rows that fill a step's last group cost as much)."""
         p, real, rows = self.plan(epoch), 0, 0
+        m = self.row_multiple
         for s in range(self.steps_in_epoch(epoch)):
             t, host = self._layout(epoch, s)
             real += int(sum(p.lengths[i] for r in host for i in r))
-            rows += (max(len(host), 1) if self.packed else self.host_unit) * t
+            rows += (-(-max(len(host), 1) // m) * m if self.packed else self.host_unit) * t
         return real / max(rows, 1)
 
     # -- batches
