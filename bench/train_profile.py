@@ -62,8 +62,8 @@ def by_category(trace_dir: str, names: dict) -> tuple[dict, collections.Counter,
                 continue
             lines += 1
             for e in line.events:
-                if e.name.startswith(("ThunkExecutor", "end:", "Rendezvous", "Wait")):  # nested in ops / all-reduce
-                    continue
+                if e.name.startswith(("ThunkExecutor", "end:", "Rendezvous", "Wait", "while", "conditional", "call")):
+                    continue  # containers of other ops' events, or waits nested in the all-reduce
                 src = names.get(e.name, e.name)
                 cat = next((c for c, pat in CATEGORIES if re.search(pat, src) or re.search(pat, e.name)), "other")
                 cats[cat] += e.duration_ns
