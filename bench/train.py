@@ -232,8 +232,8 @@ def decompose(t: dict, o: dict) -> str:
     steps), and what 100% fill would give at the same speed: where a speed-up can still come from."""
     fewer = t["positions"] / o["positions"]
     speed = o["positions_per_s"] / (t["positions"] / t["epoch_wall_s"])
-    steady = (o["positions"] / o["positions_per_s"]) / o["wall_s"]
-    overhead = o["wall_s"] - o["positions"] / o["positions_per_s"]
+    steps_s = o["positions"] / o["positions_per_s"]  # the whole epoch's steps at the steady rate
+    steady, overhead = steps_s / o["wall_s"], o["wall_s"] - steps_s
     ceiling = t["epoch_wall_s"] / (t["tokens_real"] / o["positions_per_s"] + overhead)
     fill = t["tokens_real"] / o["positions"]
     return (f"= {fewer:.2f}x fewer positions ({o['positions']:,} computed, fill {fill:.0%}; "

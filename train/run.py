@@ -271,7 +271,8 @@ def train_loop(job: Job, state, positions, metrics: MetricsWriter, on_step):
     stop = StopRequests().install()
     prefetch = Prefetcher(batches.loader, positions, batches.prepare)
     history, last_saved, done, saved = [], None, None, None
-    window = {"tokens": 0, "t0": time.time(), "start": time.time()}  # throughput since the last log step
+    t0 = time.time()
+    window = {"tokens": 0, "t0": t0, "start": t0}  # throughput since the last log step; the loop's start
     try:
         for epoch, s0, (arrays, n_chunks, cap, stats) in prefetch:
             s = s0 + 1  # MiniMind counts steps from 1 within the epoch
