@@ -70,7 +70,8 @@ def main() -> None:
              "--hidden_size", str(args.hidden_size), "--num_hidden_layers", str(args.num_hidden_layers),
              "--rank", str(args.rank), "--cpu_devices", str(args.cpu_devices), "--dtype", "float32",
              "--max_new_tokens", "0", "--log_interval", "1", *(["--data_path", args.data] if args.data else [])]
-    train = [sys.executable, "-m", "train.lora", *flags, "--cache_dir", str(work / "cache")]
+    # every run compiles, as a first run does: no persistent compilation cache between the runs compared
+    train = [sys.executable, "-m", "train.lora", *flags, "--cache_dir", str(work / "cache"), "--compile_cache", "none"]
     print(f"work dir {work}; {' '.join(flags)}", flush=True)
 
     solo = {}  # rate -> (wall, rss, final loss); each rate's solo run once, shared by every N

@@ -7,7 +7,8 @@
 
 Mode 2 (the figure that matters): one epoch of `--data` (default ../shared/data/sft_mixed_public.jsonl, 1,024
 mixed-length zh/en chats) with MiniMind's tokenizer, `--batch_size 16 --max_seq_len 340 --learning_rate 1e-4`, run
-as a user runs it: a fresh `python -m train.lora` process (fresh tokenization cache, compile included, no prompt
+as a user runs it the first time: a fresh `python -m train.lora` process (fresh tokenization cache, compile included
+with no compilation cache: `--compile_cache none`; no prompt
 answers). Reported per variant: whole-process wall time, the step's compile time, updates, the mean loss over the
 last quarter of the epoch, real tokens/s and peak RSS. Variants (`--variants`): `packed` (the default: each step's
 16 samples packed into rows), `padded` (`--pack 0`, MiniMind's one sample per row), `grouped`
@@ -67,7 +68,8 @@ def ours_epoch(args, variant: str, base, work: Path, tag: str) -> dict:
     cmd = [sys.executable, "-m", "train.lora", "--data_path", str(args.data), "--tokenizer", str(args.tokenizer),
            "--epochs", "1", "--batch_size", str(args.batch_size), "--max_seq_len", str(args.max_seq_len),
            "--learning_rate", "1e-4", "--rank", "8", "--max_new_tokens", "0", "--log_interval", "1",
-           "--save_dir", str(out), "--cache_dir", str(out / "cache"), "--cpu_devices", str(args.cpu_devices),
+           "--save_dir", str(out), "--cache_dir", str(out / "cache"), "--compile_cache", "none",
+           "--cpu_devices", str(args.cpu_devices),
            "--hidden_size", str(args.hidden_size), "--num_hidden_layers", str(args.num_hidden_layers),
            "--dtype", args.dtype, "--remat", str(args.remat), *extra]
     if base:

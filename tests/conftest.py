@@ -1,10 +1,15 @@
-"""Shared test setup: where the golden fixtures live (../shared/fixtures beside the checkout)."""
+"""Shared test setup: where the golden fixtures live (../shared/fixtures beside the checkout), and a
+session-wide cache directory for the trainer."""
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# The trainer's default caches (tokenized data, compiled programs: $MINIMIND_JAX_CACHE) go to a directory of this
+# test session, not the home directory; subprocesses inherit it.
+os.environ.setdefault("MINIMIND_JAX_CACHE", tempfile.mkdtemp(prefix="minimind_jax_test_cache_"))
 FIXTURES = Path(os.environ.get("MINIMIND_FIXTURES", ROOT.parent / "shared" / "fixtures"))
 
 

@@ -3,6 +3,7 @@ train/sharding.py): tiny configs only."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -506,6 +507,46 @@ def test_cli_cpu_split_matches_one_device(tiny_data, tmp_path):
     assert "CPU split into 2 XLA devices" in log and "on 2 device(s)" in log, log[-3000:]
     two = [row["loss"] for row in read_metrics(tmp_path / "two" / "lora_identity_metrics.jsonl")]
     np.testing.assert_allclose(two, one["losses"], rtol=2e-5, atol=2e-5)
+
+
+def test_cli_compile_cache_reused_and_survives_torn_entries(tiny_data, tmp_path):
+    """--compile_cache DIR: a first `python -m train.lora` writes its compiled programs there, a second with the same
+    settings loads them (its log says so) and trains the same losses; entries cut short (a run killed while writing
+    one) are removed at the next start and compiled (and written) again, and the run still trains the same losses."""
+    from train.metrics import read_metrics
+
+    cache = tmp_path / "xla"
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES",
+                                                            "JAX_COMPILATION_CACHE_DIR")}
+    # the tiny model compiles in well under JAX's 1 s threshold for writing an entry
+    env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+    def train(name):
+        args = _cli_args(tiny_data, tmp_path / name, "--cpu_devices", "1", "--compile_cache", str(cache))
+        r = subprocess.run([sys.executable, "-m", "train.lora", *args], env=env, cwd=ROOT, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        losses = [row["loss"] for row in read_metrics(tmp_path / name / "lora_identity_metrics.jsonl")]
+        return r.stdout + r.stderr, losses
+
+    log1, first = train("first")
+    entries = sorted(p for p in cache.iterdir() if p.is_file())
+    assert entries and "loaded from the compile cache" not in log1, log1[-3000:]
+    log2, second = train("second")
+    assert re.search(r"train step compiled in [\d.]+ s \(\d+ shape\(s\) of batch\); \d+ program\(s\) loaded from the "
+                     r"compile cache", log2), log2[-3000:]
+    assert sorted(p for p in cache.iterdir() if p.is_file()) == entries  # everything came from the cache
+    np.testing.assert_array_equal(second, first)
+    for p in entries:  # torn writes: the first half of each entry
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    log3, third = train("third")
+    assert f"compile cache {cache}: removed {len(entries)} incomplete entries" in log3, log3[-3000:]
+    assert "loaded from the compile cache" not in log3 and "Error reading persistent" not in log3, log3[-3000:]
+    np.testing.assert_array_equal(third, first)
+    log4, fourth = train("fourth")  # the torn entries were written again, whole
+    assert "loaded from the compile cache" in log4 and "incomplete" not in log4, log4[-3000:]
+    np.testing.assert_array_equal(fourth, first)
 
 
 # ------------------------------------------------------------------------------------------ precision, memory

@@ -147,6 +147,7 @@ class RunConfig:
     remat: bool = False  # recompute each layer's activations in the backward pass (less memory, more compute)
     tensorboard: bool = False
     cache_dir: Optional[str] = None
+    compile_cache: str = "auto"  # JAX persistent compilation cache: auto, none or a directory (train.compile_cache)
     prompts: str = "|".join(PROMPTS)  # '|'-separated
     max_new_tokens: int = 64
     cpu_devices: int = 0  # 0 = auto
@@ -278,6 +279,10 @@ def build_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
                                                           "losses, less memory, ~1/3 more compute)")
     a("--tensorboard", action="store_true", help="also log to <save_dir>/tensorboard/<lora_name> (needs tensorboardX)")
     a("--cache_dir", default=None, help="tokenized-data cache (default ~/.cache/minimind_jax/sft)")
+    a("--compile_cache", default="auto", help="compiled programs kept for the next run with the same shapes and "
+                                              "settings (JAX's persistent compilation cache): auto (default: "
+                                              "$JAX_COMPILATION_CACHE_DIR if set, else ~/.cache/minimind_jax/xla), "
+                                              "none, or a directory")
     a("--prompts", default="|".join(PROMPTS), help="'|'-separated prompts answered greedily before and after training")
     a("--max_new_tokens", type=int, default=64, help="answer length for --prompts; 0 skips the answers")
     a("--cpu_devices", type=int, default=0, help="CPU only: split the cores into this many data-parallel XLA "

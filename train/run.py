@@ -24,7 +24,7 @@ from tqdm import tqdm
 import convert
 from minimind_jax import MiniMindForCausalLM
 from minimind_jax.config import compute_dtype
-from train import job as job_lib, sharding, step as step_lib
+from train import compile_cache, job as job_lib, sharding, step as step_lib
 from train.batch import IGNORE
 from train.config import PROMPTS, RunConfig
 from train.metrics import MetricsWriter, plot_loss
@@ -202,6 +202,9 @@ def prepare(cfg: RunConfig) -> Prepared:
     # before JAX starts: the device count is fixed when its backends come up
     cpu_split = sharding.configure_cpu_devices(cfg.cpu_devices, cfg.batch_size, cfg.num_processes)
     sharding.init_distributed(cfg.coordinator, cfg.num_processes, cfg.process_id)
+    cache_note = compile_cache.configure(cfg.compile_cache)  # before the first compile (a random base's init)
+    if cache_note:
+        log(cache_note)
     config, params, base_note = job_lib.load_base(cfg)
     log(base_note)
     if cfg.demo:
@@ -429,7 +432,8 @@ def finish(job: Job, state, history: list, metrics_path: Path, steps: int, answe
     summary = {"losses": [r["loss"] for r in history], "history": history, "adapter_path": str(job.adapter_file),
                "metrics_path": str(metrics_path), "answers_before": answers_before, "steps": steps,
                "compile_s": job.train_step.total_compile_s()}
-    log(f"train step compiled in {summary['compile_s']:.1f} s ({len(job.train_step.compile_s)} shape(s) of batch)")
+    log(f"train step compiled in {summary['compile_s']:.1f} s ({len(job.train_step.compile_s)} shape(s) of "
+        f"batch){job.train_step.cache_note()}")
     if jax.process_index() == 0 and history:
         png = Path(cfg.save_dir) / f"{cfg.lora_name}_loss.png"
         skipped = plot_loss(metrics_path, png, title=f"{cfg.lora_name} (rank {cfg.rank})")

@@ -42,6 +42,7 @@ from flax import struct
 
 import lora as lora_lib
 from minimind_jax.model import nll_sum
+from train import compile_cache
 from train.batch import IGNORE
 
 
@@ -259,6 +260,14 @@ class CompiledSteps:
     def __init__(self, jitted):
         self.jitted, self.compiled, self.compile_s = jitted, {}, {}
         self._lock = threading.Lock()
+        self._cache_mark = compile_cache.loaded()
+
+    def cache_note(self) -> str:
+        """What JAX's persistent compilation cache saved since this object was made (the step's programs and the
+        run's generation), as a clause for the compile log line; "" when nothing came from it."""
+        n, saved = compile_cache.loaded()
+        n, saved = n - self._cache_mark[0], saved - self._cache_mark[1]
+        return f"; {n} program(s) loaded from the compile cache, {saved:.0f} s of compiling saved" if n else ""
 
     @staticmethod
     def key(chunks, cap, update):

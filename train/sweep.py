@@ -241,7 +241,8 @@ def finish(job: SweepJob, state, history: list, steps: int, answers_before: list
     cfg, save_dir = job.cfg, Path(job.cfg.save_dir)
     train_s = time.time() - t_start
     compile_s = job.train_step.total_compile_s()
-    run_lib.log(f"sweep step compiled in {compile_s:.1f} s ({len(job.train_step.compile_s)} shape(s) of batch)")
+    run_lib.log(f"sweep step compiled in {compile_s:.1f} s ({len(job.train_step.compile_s)} shape(s) of batch)"
+                f"{job.train_step.cache_note()}")
     bad = np.asarray(jax.device_get(state.bad_step))
     rows, losses, adapters = [], {}, {}
     for i, m in enumerate(job.members):

@@ -1,0 +1,98 @@
+"""JAX's persistent compilation cache for the trainer: a later run with the same shapes and settings loads its
+compiled programs (the random base's init, the train step, generation) from disk instead of compiling them again.
+
+`--compile_cache auto` (default) uses `$MINIMIND_JAX_CACHE/xla` (default `~/.cache/minimind_jax/xla`), unless JAX
+already has a cache directory (`JAX_COMPILATION_CACHE_DIR`, or a caller's `jax.config`), which is then kept;
+`none` turns the cache off for this run; anything else is the directory. JAX keys an entry by the program, the
+compile options, XLA flags and the jax/jaxlib versions, so a changed setting compiles afresh, never a stale program.
+JAX writes an entry in place: one left incomplete by a killed run is removed at the next start (and compiled again).
+
+Only compiles of over a second are written (JAX's default), a few MB per run shape. As JAX warns, the cache is
+trusted code: keep it in a directory only you can write to.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Optional
+
+import jax
+from jax.experimental.compilation_cache import compilation_cache
+
+_lock = threading.Lock()
+_saved = {"loaded": 0, "seconds": 0.0}  # programs loaded from the cache in this process, compile seconds saved
+_listening = False
+
+
+def default_dir() -> Path:
+    root = Path(os.environ.get("MINIMIND_JAX_CACHE", Path.home() / ".cache" / "minimind_jax"))
+    return root / "xla"
+
+
+def configure(choice: str) -> Optional[str]:
+    """Point JAX's persistent compilation cache at `choice` ("auto", "none" or a directory), before the run's
+    first compile. -> a line for the log when entries left incomplete were removed, else None."""
+    _listen()
+    current = jax.config.jax_compilation_cache_dir
+    if choice == "auto":
+        if current:  # the user's (or a caller's) own JAX cache: used as it is
+            return None
+        target = default_dir()
+    elif choice == "none":
+        target = None
+    else:
+        target = Path(choice).expanduser()
+    if target is not None:
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"error: --compile_cache {target}: cannot create the directory ({e.strerror})") from None
+    new = None if target is None else str(target)
+    if new != current:
+        jax.config.update("jax_compilation_cache_dir", new)
+        compilation_cache.reset_cache()  # JAX sets the cache up once, at its first use: again with this directory
+    torn = _drop_torn(target) if target is not None else 0
+    return (f"compile cache {target}: removed {torn} incomplete entr{'y' if torn == 1 else 'ies'} (a run stopped "
+            "while writing); they compile again" if torn else None)
+
+
+def _drop_torn(directory: Path) -> int:
+    """Remove entries that do not decompress: JAX writes an entry in place, so a run killed (or out of disk) while
+    writing leaves a torn one, which JAX would warn about and skip on every later run without ever replacing it."""
+    try:
+        from jax._src.compilation_cache import decompress_executable
+    except ImportError:  # another JAX's internals: leave the directory to JAX
+        return 0
+    torn = 0
+    for entry in directory.glob("*-cache"):
+        try:
+            decompress_executable(entry.read_bytes())
+        except OSError:
+            continue
+        except Exception:  # noqa: BLE001 -- zlib.error / zstd.ZstdError: cut short
+            entry.unlink(missing_ok=True)
+            torn += 1
+    return torn
+
+
+def loaded() -> tuple[int, float]:
+    """(programs this process loaded from the cache, compile seconds that saved by JAX's count)."""
+    with _lock:
+        return _saved["loaded"], _saved["seconds"]
+
+
+def _listen() -> None:
+    global _listening
+    with _lock:
+        if _listening:
+            return
+        _listening = True
+
+    def on_duration(event: str, seconds: float, **_):
+        if event == "/jax/compilation_cache/compile_time_saved_sec":
+            with _lock:
+                _saved["loaded"] += 1
+                _saved["seconds"] += max(seconds, 0.0)
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
