@@ -28,6 +28,9 @@ CASES = {  # name -> (extra arguments given tmp_path, text the error line must n
     "empty file": (lambda d: ["--data_path", str(_write(d / "empty.jsonl", "\n"))], "empty.jsonl: empty file"),
     "missing base weights": (lambda d: ["--data_path", str(_write(d / "ok.jsonl", GOOD + "\n")),
                                         "--from_weight", str(d / "nonexistent.pth")], "nonexistent.pth"),
+    "compile cache not a directory": (lambda d: ["--data_path", str(_write(d / "ok.jsonl", GOOD + "\n")),
+                                                 "--compile_cache", str(_write(d / "a_file", "x") / "xla")],
+                                      "--compile_cache " + "{d}/a_file/xla: cannot be created"),
 }
 
 
@@ -43,6 +46,7 @@ def _train(tmp_path, save_dir, *args):
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_error_line(tmp_path, case):
     args, names = CASES[case]
+    names = names.format(d=tmp_path)
     save_dir = tmp_path / "out"
     proc, out = _train(tmp_path, save_dir, *args(tmp_path))
     errors = [line for line in out.splitlines() if line.startswith("error:")]
@@ -67,3 +71,20 @@ def test_resume_state_of_another_run_is_refused(tmp_path):
         assert proc.returncode != 0 and "Traceback" not in out, out
         assert len(errors) == 1 and "cannot resume from" in errors[0] and names in errors[0], out
     assert sorted((p, p.stat().st_mtime_ns) for p in save_dir.rglob("*")) == before  # nothing touched
+
+
+def test_unusable_default_compile_cache_is_skipped(tmp_path):
+    """The default compile cache is a convenience: where it cannot be created the run says so in one line and
+    trains without it."""
+    data = _write(tmp_path / "ok.jsonl", GOOD + "\n")
+    blocked = _write(tmp_path / "a_file", "x")
+    cmd = [sys.executable, "-m", "train.lora", "--data_path", str(data), "--hidden_size", "32", "--num_hidden_layers",
+           "1", "--epochs", "1", "--max_new_tokens", "0", "--save_dir", str(tmp_path / "out"), "--cache_dir",
+           str(tmp_path / "cache")]
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", MINIMIND_JAX_CACHE=str(blocked))
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Traceback" not in out, out
+    assert f"compile cache off: {blocked}/xla cannot be created" in out, out
+    assert (tmp_path / "out" / "lora_identity_32.ckpt").exists()

@@ -32,7 +32,8 @@ def default_dir() -> Path:
 
 def configure(choice: str) -> Optional[str]:
     """Point JAX's persistent compilation cache at `choice` ("auto", "none" or a directory), before the run's
-    first compile. -> a line for the log when entries left incomplete were removed, else None."""
+    first compile. -> a line for the log (the default directory is unusable, so the cache is off; or torn entries
+    were removed), else None. An explicit directory that cannot be created or written is an error."""
     _listen()
     current = jax.config.jax_compilation_cache_dir
     if choice == "auto":
@@ -43,18 +44,31 @@ def configure(choice: str) -> Optional[str]:
         target = None
     else:
         target = Path(choice).expanduser()
-    if target is not None:
-        try:
-            target.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise SystemExit(f"error: --compile_cache {target}: cannot create the directory ({e.strerror})") from None
+    note = None
+    problem = _unusable(target) if target is not None else None
+    if problem and choice == "auto":  # a cache is a convenience: the run goes on without it
+        note, target = f"compile cache off: {default_dir()} {problem} (--compile_cache DIR picks another)", None
+    elif problem:
+        raise SystemExit(f"error: --compile_cache {target}: {problem}")
     new = None if target is None else str(target)
     if new != current:
         jax.config.update("jax_compilation_cache_dir", new)
         compilation_cache.reset_cache()  # JAX sets the cache up once, at its first use: again with this directory
     torn = _drop_torn(target) if target is not None else 0
-    return (f"compile cache {target}: removed {torn} incomplete entr{'y' if torn == 1 else 'ies'} (a run stopped "
-            "while writing); they compile again" if torn else None)
+    if torn:
+        note = (f"compile cache {target}: removed {torn} incomplete entr{'y' if torn == 1 else 'ies'} (a run stopped "
+                "while writing); they compile again")
+    return note
+
+
+def _unusable(directory: Path) -> Optional[str]:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot be created ({e.strerror})"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return "is not writable"
+    return None
 
 
 def _drop_torn(directory: Path) -> int:
