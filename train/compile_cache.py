@@ -20,21 +20,31 @@ from typing import Optional
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
+from train.dataset import DEFAULT_CACHE_DIR
+
 _lock = threading.Lock()
 _saved = {"loaded": 0, "seconds": 0.0}  # programs loaded from the cache in this process, compile seconds saved
-_listening = False
+
+
+def _on_duration(event: str, seconds: float, **_):
+    if event == "/jax/compilation_cache/compile_time_saved_sec":
+        with _lock:
+            _saved["loaded"] += 1
+            _saved["seconds"] += max(seconds, 0.0)
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_duration)  # once per process: at import
 
 
 def default_dir() -> Path:
-    root = Path(os.environ.get("MINIMIND_JAX_CACHE", Path.home() / ".cache" / "minimind_jax"))
-    return root / "xla"
+    """Beside the tokenized-data cache: $MINIMIND_JAX_CACHE/xla (default ~/.cache/minimind_jax/xla)."""
+    return DEFAULT_CACHE_DIR.parent / "xla"
 
 
 def configure(choice: str) -> Optional[str]:
     """Point JAX's persistent compilation cache at `choice` ("auto", "none" or a directory), before the run's
     first compile. -> a line for the log (the default directory is unusable, so the cache is off; or torn entries
     were removed), else None. An explicit directory that cannot be created or written is an error."""
-    _listen()
     current = jax.config.jax_compilation_cache_dir
     if choice == "auto":
         if current:  # the user's (or a caller's) own JAX cache: used as it is
@@ -95,18 +105,3 @@ def loaded() -> tuple[int, float]:
     with _lock:
         return _saved["loaded"], _saved["seconds"]
 
-
-def _listen() -> None:
-    global _listening
-    with _lock:
-        if _listening:
-            return
-        _listening = True
-
-    def on_duration(event: str, seconds: float, **_):
-        if event == "/jax/compilation_cache/compile_time_saved_sec":
-            with _lock:
-                _saved["loaded"] += 1
-                _saved["seconds"] += max(seconds, 0.0)
-
-    jax.monitoring.register_event_duration_secs_listener(on_duration)
