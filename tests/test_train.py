@@ -287,18 +287,21 @@ adapter = lora.init(params, jax.random.PRNGKey(1), rank=3)
 tx = S.make_optimizer()
 rs = np.random.RandomState(0)
 out = {}
-for n in (1, 4):
-    mesh = sharding.make_mesh(jax.devices()[:n])
-    step = S.make_train_step(model, tx, accumulation_steps=2, state_sharding=sharding.replicated(mesh))
+for n in (1, 4, "spmd"):  # "spmd": the loop over whole chunks (no mesh: one all-reduce per chunk)
+    mesh = sharding.make_mesh(jax.devices()[:4 if n == "spmd" else n])
+    step = S.make_train_step(model, tx, accumulation_steps=2,
+                             state_sharding=None if n == "spmd" else sharding.replicated(mesh))
     state = sharding.replicate(S.init_state(adapter, tx), mesh)
     p = sharding.replicate(params, mesh)
     losses = []
     rs = np.random.RandomState(0)
     for i in range(4):  # 7 rows: not a multiple of 4 devices (the last chunk holds padding rows)
         ids = rs.randint(3, 96, (7, 16)).astype(np.int32); lab = ids.copy(); lab[:, :5] = -100
-        chunks, n_chunks, cap, _ = B.prepare_batch({"input_ids": ids, "labels": lab}, devices=n, max_rows=8)
+        lab[i] = -100  # a row without labels, first on one device, then further in: its later rows still count
+        d = mesh.devices.size
+        chunks, n_chunks, cap, _ = B.prepare_batch({"input_ids": ids, "labels": lab}, devices=d, max_rows=8)
         batch = sharding.put_batch(chunks, mesh)
-        assert len(batch["input_ids"].sharding.device_set) == n
+        assert len(batch["input_ids"].sharding.device_set) == d
         state, m = step(state, p, batch, np.int32(n_chunks), 1e-2, cap=cap, update=i % 2 == 1)
         losses.append(float(m["loss"]))
     out[n] = losses
@@ -314,6 +317,7 @@ def test_four_devices_match_one():
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.split("RESULT ", 1)[1])
     np.testing.assert_allclose(out["4"], out["1"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["spmd"], out["1"], rtol=1e-5, atol=1e-5)
     assert out["1"][0] != out["1"][3]  # it trained
 
 

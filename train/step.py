@@ -39,11 +39,13 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from jax.sharding import PartitionSpec as P
 
 import lora as lora_lib
 from minimind_jax.model import nll_sum
 from train import compile_cache
 from train.batch import IGNORE
+from train.sharding import AXIS
 
 
 # ------------------------------------------------------------------------------------------- schedule
@@ -171,11 +173,13 @@ def loss_fn(adapter, params, batch: dict, *, model, cap: Optional[int], rng=None
 
 def make_train_step(model, tx, *, accumulation_steps: int = 1, grad_clip: float = 1.0, state_sharding=None):
     """-> step(state, params, chunks, n_chunks, lr, *, cap, update) -> (state, metrics); jitted, `state` donated.
-    The step itself is `step_body`'s (train.sweep vmaps that over several adapters)."""
+    The step itself is `step_body`'s (train.sweep vmaps that over several adapters); a `state_sharding` on a mesh
+    gives it that mesh (each device loops over its own rows)."""
     jit_kw = {}
     if state_sharding is not None:
         jit_kw["out_shardings"] = (state_sharding, state_sharding)
-    step = step_body(model, tx, accumulation_steps=accumulation_steps, grad_clip=grad_clip)
+    step = step_body(model, tx, accumulation_steps=accumulation_steps, grad_clip=grad_clip,
+                     mesh=getattr(state_sharding, "mesh", None))
     return jax.jit(step, static_argnames=("cap", "update"), donate_argnums=(0,), **jit_kw)
 
 
@@ -189,7 +193,7 @@ def apply_gain(adapter: lora_lib.Adapter, gain) -> lora_lib.Adapter:
     return adapter.replace(weights=weights)
 
 
-def step_body(model, tx, *, accumulation_steps: int = 1, grad_clip: float = 1.0):
+def step_body(model, tx, *, accumulation_steps: int = 1, grad_clip: float = 1.0, mesh=None):
     """-> step(state, params, chunks, n_chunks, lr, *, cap, update, gain=None) -> (state, metrics), not jitted.
 
     chunks: prepare_batch's [C, P, T] arrays (the batch's rows, P per chunk); the step runs the model over the
@@ -197,6 +201,11 @@ def step_body(model, tx, *, accumulation_steps: int = 1, grad_clip: float = 1.0)
     of rows) and sums their gradients of sum(nll) / (labelled tokens of the whole batch) + aux / n_chunks, which is
     exactly the gradient of MiniMind's loss of the whole batch (mean over its labelled tokens); a MoE aux loss is
     the mean of the chunks' (MiniMind's over the whole batch when it is one chunk).
+    `mesh` (the data mesh; dense models): each device loops over its own rows (`jax.shard_map`) up to its last
+    chunk that holds a label, and the devices sum their gradients once, after the loop. Without it the loop runs
+    SPMD over whole chunks, which all-reduces the gradients of every chunk and makes the devices wait for each
+    other chunk by chunk; a MoE model keeps that way, because its aux loss is a mean over a chunk's rows on every
+    device.
     `update` (static): apply the optimizer after adding this micro-batch's gradients (MiniMind: every
     `accumulation_steps` micro-steps and at the end of an epoch). `cap` (static): prepare_batch's (groups, C) or
     None, see labelled_nll.
@@ -204,15 +213,12 @@ def step_body(model, tx, *, accumulation_steps: int = 1, grad_clip: float = 1.0)
     `gain`: see apply_gain (None: the adapter as it is).
     """
     acc = float(accumulation_steps)
+    per_device = mesh is not None and not model.config.use_moe
 
-    def step(state: TrainState, params, chunks, n_chunks, lr, *, cap, update, gain=None):
-        rng = jax.random.fold_in(state.rng, state.micro)
-        total = jnp.maximum(jnp.sum(chunks["labels"][..., 1:] != IGNORE), 1).astype(jnp.float32)
-        n = jnp.maximum(n_chunks, 1).astype(jnp.float32)
-
+    def chunk_sums(adapter, params, chunks, n_chunks, total, n, rng, gain, groups, c):
+        """The loop over chunks -> (sum of nll, sum of aux, summed gradients) of these chunks."""
         def chunk_loss(adapter, i):
             rows = {k: jax.lax.dynamic_index_in_dim(v, i, 0, keepdims=False) for k, v in chunks.items()}
-            groups, c = cap if cap is not None else (1, None)
             seen = adapter if gain is None else apply_gain(adapter, gain)
             nll, _, aux = loss_terms(seen, params, rows, model=model, cap=c, rng=jax.random.fold_in(rng, i),
                                      groups=groups)
@@ -220,12 +226,35 @@ def step_body(model, tx, *, accumulation_steps: int = 1, grad_clip: float = 1.0)
 
         def body(i, carry):
             nll_sum, aux_sum, grads = carry
-            (_, (nll, aux)), g = jax.value_and_grad(chunk_loss, has_aux=True)(state.adapter, i)
+            (_, (nll, aux)), g = jax.value_and_grad(chunk_loss, has_aux=True)(adapter, i)
             return nll_sum + nll, aux_sum + aux, jax.tree.map(jnp.add, grads, g.weights)
 
         zero = jnp.zeros((), jnp.float32)
-        nll_sum, aux_sum, grads = jax.lax.fori_loop(0, n_chunks, body,
-                                                    (zero, zero, jax.tree.map(jnp.zeros_like, state.adapter.weights)))
+        return jax.lax.fori_loop(0, n_chunks, body, (zero, zero, jax.tree.map(jnp.zeros_like, adapter.weights)))
+
+    def device_sums(adapter, params, chunks, n_chunks, total, n, rng, gain, c):
+        """One device's rows [C, P/devices, T]: its own trip count, then one sum over the devices."""
+        labelled = jnp.any(chunks["labels"][..., 1:] != IGNORE, axis=tuple(range(1, chunks["labels"].ndim)))
+        mine = jnp.minimum(jnp.max(jnp.where(labelled, jnp.arange(1, labelled.shape[0] + 1), 0)), n_chunks)
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(AXIS))
+        sums = chunk_sums(adapter, params, chunks, mine, total, n, rng, gain, 1, c)
+        return jax.lax.psum(sums, AXIS)
+
+    def step(state: TrainState, params, chunks, n_chunks, lr, *, cap, update, gain=None):
+        rng = jax.random.fold_in(state.rng, state.micro)
+        total = jnp.maximum(jnp.sum(chunks["labels"][..., 1:] != IGNORE), 1).astype(jnp.float32)
+        n = jnp.maximum(n_chunks, 1).astype(jnp.float32)
+        groups, c = cap if cap is not None else (1, None)
+        if per_device:
+            # check_vma off: with it, JAX would sum the replicated adapter's gradient over the devices inside the
+            # loop (every chunk), which is what this path avoids; the one psum above does it instead.
+            sums = jax.shard_map(partial(device_sums, c=c), mesh=mesh, in_specs=(P(), P(), P(None, AXIS), P(), P(),
+                                                                                 P(), P(), P()),
+                                 out_specs=P(), check_vma=False)
+            nll_sum, aux_sum, grads = sums(state.adapter, params, chunks, n_chunks, total, n, rng, gain)
+        else:
+            nll_sum, aux_sum, grads = chunk_sums(state.adapter, params, chunks, n_chunks, total, n, rng, gain,
+                                                 groups, c)
         ce, aux = nll_sum / total, aux_sum / n
         loss = ce + aux
         grad_acc = jax.tree.map(jnp.add, state.grad_acc, grads)

@@ -226,7 +226,8 @@ def make_sweep_step(model, tx, gain, *, accumulation_steps: int = 1, grad_clip: 
     """train.step's step over N stacked train states: step(states, params, chunks, n_chunks, lrs [N], *, cap,
     update) -> (states, metrics [N] each); jitted, `states` donated. Base params and batch are shared (not mapped),
     so every member sees the same rows; each keeps its own optimizer, clipping and NaN freeze."""
-    body = step_lib.step_body(model, tx, accumulation_steps=accumulation_steps, grad_clip=grad_clip)
+    body = step_lib.step_body(model, tx, accumulation_steps=accumulation_steps, grad_clip=grad_clip,
+                              mesh=getattr(state_sharding, "mesh", None))
 
     def step(states, params, chunks, n_chunks, lrs, *, cap, update):
         one = lambda state, lr, g: body(state, params, chunks, n_chunks, lr, cap=cap, update=update, gain=g)
