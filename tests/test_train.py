@@ -139,6 +139,25 @@ def test_labels_only_projection_equals_full_logits(dense, groups):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("prompt", [3, 36], ids=["most-labelled", "few-labelled"])
+def test_blocked_vocabulary_loss_equals_full_logits(dense, prompt):
+    """train.vocab_loss (the labelled positions projected BLOCK at a time, the gradient taken inside the loop)
+    gives the full-logits loss and the adapter's gradients; counts of several blocks and a part block, and a row
+    with no label at all."""
+    from train import vocab_loss
+    model, params, adapter = dense
+    batch = _batch(5, b=5, t=48, prompt=prompt)
+    batch["labels"][2] = B.IGNORE
+    n = int((batch["labels"][:, 1:] != B.IGNORE).sum())
+    assert n > 2 * vocab_loss.BLOCK and n % vocab_loss.BLOCK if prompt == 3 else n < vocab_loss.BLOCK
+    loss = lambda a, blocked: S.loss_fn(a, params, batch, model=model, cap=None, blocked=blocked)[0]
+    ref = model.apply({"params": params, "lora": lora.folded(adapter)}, batch["input_ids"], labels=batch["labels"]).loss
+    np.testing.assert_allclose(float(jax.jit(loss, static_argnums=1)(adapter, True)), float(ref), rtol=1e-6)
+    grad = jax.jit(lambda a, blocked: jax.grad(loss)(a, blocked).weights, static_argnums=1)
+    for x, y in zip(jax.tree.leaves(grad(adapter, False)), jax.tree.leaves(grad(adapter, True))):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("prompt", [4, 28], ids=["full-logits", "labels-only"])
 def test_lm_head_adapter_gets_the_models_gradient(tx, prompt):
     """An adapter on an untied lm_head (--targets ...,lm_head): the step's vocabulary projection runs through the

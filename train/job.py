@@ -16,6 +16,7 @@ import lora
 from minimind_jax import MiniMindConfig
 from minimind_jax.model import init_params
 from minimind_jax.tokenizer import load_tokenizer
+from train import step as step_lib
 from train.batch import prepare_batch
 from train.config import ACCEL_CHUNK_TOKENS, RunConfig
 from train.data import SFTLoader, load_sft_dataset
@@ -132,8 +133,9 @@ def plan_batches(cfg: RunConfig, config, ds) -> Batches:
     # Padded rows are cut after the batch's last label (packed rows are sized by the packer); not with MoE, whose
     # aux loss averages over every position of MiniMind's full length.
     trim = not config.use_moe and not cfg.pack
+    labels_only = cfg.labels_only and not step_lib.blocked_vocabulary(config, cfg.labels_only)  # the step's own way
     prepare = lambda b: prepare_batch(b, devices=devices, rows_per_device=per_device, max_rows=loader.max_rows,
-                                      trim=trim, labels_only=cfg.labels_only, pad_id=ds.pad_id)
+                                      trim=trim, labels_only=labels_only, pad_id=ds.pad_id)
     return Batches(loader, iters, np.concatenate([[0], np.cumsum(iters)]).astype(int), per_device, prepare)
 
 

@@ -152,7 +152,7 @@ def setup(cfg: RunConfig):
     state = sharding.replicate(step_lib.init_state(adapter, tx, seed=cfg.seed), mesh)
     train_step = step_lib.CompiledSteps(step_lib.make_train_step(
         ready.model, tx, accumulation_steps=cfg.accumulation_steps, grad_clip=cfg.grad_clip,
-        state_sharding=sharding.replicated(mesh)))
+        state_sharding=sharding.replicated(mesh), labels_only=cfg.labels_only))
     return ready.job(Job, train_step, ready.run_meta(adapter), cfg.lora_name,
                      adapter_path(cfg.save_dir, cfg.lora_name, ready.config)), state
 

@@ -16,11 +16,12 @@ over the chunks that hold rows and sums their gradients of sum(nll) / (labelled 
 which is the gradient of the micro-batch's mean loss. So the number of rows can change from step to step (it
 follows the samples' lengths) under one compiled program, and activations are held for one chunk at a time.
 
-Speed: the vocabulary projection is computed only at the positions whose shifted label is not -100: each
-device's rows of a chunk are one group whose labelled positions are gathered into a [groups, cap, D] buffer
-(`cap` static, bucketed by `prepare_batch`) before `lm_head`; `cap=None` is the MiniMind way (logits at every
-position). Rows are cut after the last labelled token (bucketed too); with causal attention nothing after it can
-change the loss.
+Speed: the vocabulary projection is computed only at the positions whose shifted label is not -100. On a CPU
+(dense model, frozen projection) `train.vocab_loss` projects each device's labelled positions in blocks, as many as
+a chunk needs. Elsewhere each device's rows of a chunk are one group whose labelled positions are gathered into a
+[groups, cap, D] buffer (`cap` static, bucketed by `prepare_batch`) before `lm_head`; `cap=None` is the MiniMind way
+(logits at every position). Rows are cut after the last labelled token (bucketed too); with causal attention
+nothing after it can change the loss.
 
 NaN/inf: a non-finite loss (or gradient norm) freezes the state: that step and every later one leave the
 adapter/optimizer untouched and `state.bad_step` records the first bad global micro-step, which the host checks
@@ -43,7 +44,7 @@ from jax.sharding import PartitionSpec as P
 
 import lora as lora_lib
 from minimind_jax.model import nll_sum
-from train import compile_cache
+from train import compile_cache, vocab_loss
 from train.batch import IGNORE
 from train.sharding import AXIS
 
@@ -115,7 +116,8 @@ def init_state(adapter: lora_lib.Adapter, tx, seed: int = 42) -> TrainState:
 # ------------------------------------------------------------------------------------------- loss
 
 
-def labelled_nll(model, params, hidden, labels, cap: Optional[int], groups: int = 1, branch=None):
+def labelled_nll(model, params, hidden, labels, cap: Optional[int], groups: int = 1, branch=None,
+                 blocked: bool = False):
     """MiniMind's shifted cross-entropy terms from hidden states [B, T, D]: -> (sum of -log p over the labelled
     positions, their count); MiniMind's loss is sum / count over the whole batch.
 
@@ -130,6 +132,10 @@ def labelled_nll(model, params, hidden, labels, cap: Optional[int], groups: int 
     h, tgt = hidden[:, :-1], labels[:, 1:]
     valid = tgt != IGNORE  # [B, T-1]
     count = jnp.sum(valid)
+    if blocked and (branch is None or "lm_head" not in branch):  # train.vocab_loss: a frozen projection only
+        project = lambda p, x: model.apply({"params": p}, x, method="logits")
+        n = valid.size
+        return vocab_loss.labelled_nll_sum(project, params, h.reshape(n, -1), tgt.reshape(n), valid.reshape(n)), count
     if cap is not None:
         n = valid.shape[0] * valid.shape[1] // groups
         if cap < n:  # else every position is kept: nothing to gather
@@ -145,7 +151,7 @@ def labelled_nll(model, params, hidden, labels, cap: Optional[int], groups: int 
 
 
 def loss_terms(adapter, params, batch: dict, *, model, cap: Optional[int], rng=None, deterministic: bool = False,
-               groups: int = 1):
+               groups: int = 1, blocked: bool = False):
     """One forward pass over rows [B, T] -> (nll sum, labelled count, MoE aux loss)."""
     kw = {}
     if rng is not None and model.config.dropout > 0 and not deterministic:
@@ -154,16 +160,16 @@ def loss_terms(adapter, params, batch: dict, *, model, cap: Optional[int], rng=N
     variables = {"params": params} if branch is None else {"params": params, "lora": branch}
     out = model.apply(variables, batch["input_ids"], positions=batch.get("positions"),
                       segment_ids=batch.get("segment_ids"), deterministic=deterministic, logits_to_keep=1, **kw)
-    nll, count = labelled_nll(model, params, out.hidden_states, batch["labels"], cap, groups, branch)
+    nll, count = labelled_nll(model, params, out.hidden_states, batch["labels"], cap, groups, branch, blocked)
     aux = out.aux_loss if out.aux_loss is not None else jnp.zeros((), jnp.float32)
     return nll, count, aux
 
 
 def loss_fn(adapter, params, batch: dict, *, model, cap: Optional[int], rng=None, deterministic: bool = False,
-            groups: int = 1):
+            groups: int = 1, blocked: bool = False):
     """MiniMind's loss of one batch of rows [B, T]: -> (ce + aux, (ce, aux)), ce the mean over labelled tokens."""
     nll, count, aux = loss_terms(adapter, params, batch, model=model, cap=cap, rng=rng, deterministic=deterministic,
-                                 groups=groups)
+                                 groups=groups, blocked=blocked)
     ce = nll / jnp.maximum(count, 1)
     return ce + aux, (ce, aux)
 
@@ -171,7 +177,8 @@ def loss_fn(adapter, params, batch: dict, *, model, cap: Optional[int], rng=None
 # ------------------------------------------------------------------------------------------- step
 
 
-def make_train_step(model, tx, *, accumulation_steps: int = 1, grad_clip: float = 1.0, state_sharding=None):
+def make_train_step(model, tx, *, accumulation_steps: int = 1, grad_clip: float = 1.0, state_sharding=None,
+                    labels_only: bool = True):
     """-> step(state, params, chunks, n_chunks, lr, *, cap, update) -> (state, metrics); jitted, `state` donated.
     The step itself is `step_body`'s (train.sweep vmaps that over several adapters); a `state_sharding` on a mesh
     gives it that mesh (each device loops over its own rows)."""
@@ -179,7 +186,7 @@ def make_train_step(model, tx, *, accumulation_steps: int = 1, grad_clip: float 
     if state_sharding is not None:
         jit_kw["out_shardings"] = (state_sharding, state_sharding)
     step = step_body(model, tx, accumulation_steps=accumulation_steps, grad_clip=grad_clip,
-                     mesh=getattr(state_sharding, "mesh", None))
+                     mesh=getattr(state_sharding, "mesh", None), labels_only=labels_only)
     return jax.jit(step, static_argnames=("cap", "update"), donate_argnums=(0,), **jit_kw)
 
 
@@ -193,7 +200,16 @@ def apply_gain(adapter: lora_lib.Adapter, gain) -> lora_lib.Adapter:
     return adapter.replace(weights=weights)
 
 
-def step_body(model, tx, *, accumulation_steps: int = 1, grad_clip: float = 1.0, mesh=None):
+def blocked_vocabulary(config, labels_only: bool = True) -> bool:
+    """Whether the trainer's step (on a mesh) projects the vocabulary with train.vocab_loss: on a CPU, for a dense
+    model, unless --labels_only 0 asks for MiniMind's full projection. prepare_batch's gather (its `cap`) is then
+    not used, so the trainer asks for none (fewer compiled shapes). A GPU keeps one big projection or the gather,
+    which suit it better than a loop of small matmuls; an adapter on lm_head falls back to the full projection."""
+    return labels_only and not config.use_moe and jax.default_backend() == "cpu"
+
+
+def step_body(model, tx, *, accumulation_steps: int = 1, grad_clip: float = 1.0, mesh=None,
+              labels_only: bool = True):
     """-> step(state, params, chunks, n_chunks, lr, *, cap, update, gain=None) -> (state, metrics), not jitted.
 
     chunks: prepare_batch's [C, P, T] arrays (the batch's rows, P per chunk); the step runs the model over the
@@ -206,6 +222,7 @@ def step_body(model, tx, *, accumulation_steps: int = 1, grad_clip: float = 1.0,
     SPMD over whole chunks, which all-reduces the gradients of every chunk and makes the devices wait for each
     other chunk by chunk; a MoE model keeps that way, because its aux loss is a mean over a chunk's rows on every
     device.
+    `labels_only`: see blocked_vocabulary.
     `update` (static): apply the optimizer after adding this micro-batch's gradients (MiniMind: every
     `accumulation_steps` micro-steps and at the end of an epoch). `cap` (static): prepare_batch's (groups, C) or
     None, see labelled_nll.
@@ -214,6 +231,7 @@ def step_body(model, tx, *, accumulation_steps: int = 1, grad_clip: float = 1.0,
     """
     acc = float(accumulation_steps)
     per_device = mesh is not None and not model.config.use_moe
+    blocked = per_device and blocked_vocabulary(model.config, labels_only)
 
     def chunk_sums(adapter, params, chunks, n_chunks, total, n, rng, gain, groups, c):
         """The loop over chunks -> (sum of nll, sum of aux, summed gradients) of these chunks."""
@@ -221,7 +239,7 @@ def step_body(model, tx, *, accumulation_steps: int = 1, grad_clip: float = 1.0,
             rows = {k: jax.lax.dynamic_index_in_dim(v, i, 0, keepdims=False) for k, v in chunks.items()}
             seen = adapter if gain is None else apply_gain(adapter, gain)
             nll, _, aux = loss_terms(seen, params, rows, model=model, cap=c, rng=jax.random.fold_in(rng, i),
-                                     groups=groups)
+                                     groups=groups, blocked=blocked)
             return (nll / total + aux / n) / acc, (nll, aux)
 
         def body(i, carry):

@@ -185,7 +185,7 @@ def setup(cfg: RunConfig):
     state = sharding.replicate(jax.tree.map(lambda *xs: jnp.stack(xs), *states), ready.mesh)
     train_step = step_lib.CompiledSteps(make_sweep_step(
         ready.model, tx, gain, accumulation_steps=cfg.accumulation_steps, grad_clip=cfg.grad_clip,
-        state_sharding=sharding.replicated(ready.mesh)))
+        state_sharding=sharding.replicated(ready.mesh), labels_only=cfg.labels_only))
     stem = adapter_path(cfg.save_dir, f"{cfg.lora_name}_{{{','.join(m.tag for m in members)}}}", ready.config)
     job = ready.job(SweepJob, train_step, ready.run_meta(widest), f"{cfg.lora_name}_sweep", stem,
                     members=tuple(members))
@@ -222,12 +222,13 @@ def member_gains(adapters: list) -> Optional[dict]:
     return jax.tree.map(lambda *xs: jnp.stack(xs), *[gains(a) for a in adapters])
 
 
-def make_sweep_step(model, tx, gain, *, accumulation_steps: int = 1, grad_clip: float = 1.0, state_sharding=None):
+def make_sweep_step(model, tx, gain, *, accumulation_steps: int = 1, grad_clip: float = 1.0, state_sharding=None,
+                    labels_only: bool = True):
     """train.step's step over N stacked train states: step(states, params, chunks, n_chunks, lrs [N], *, cap,
     update) -> (states, metrics [N] each); jitted, `states` donated. Base params and batch are shared (not mapped),
     so every member sees the same rows; each keeps its own optimizer, clipping and NaN freeze."""
     body = step_lib.step_body(model, tx, accumulation_steps=accumulation_steps, grad_clip=grad_clip,
-                              mesh=getattr(state_sharding, "mesh", None))
+                              mesh=getattr(state_sharding, "mesh", None), labels_only=labels_only)
 
     def step(states, params, chunks, n_chunks, lrs, *, cap, update):
         one = lambda state, lr, g: body(state, params, chunks, n_chunks, lr, cap=cap, update=update, gain=g)
