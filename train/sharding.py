@@ -1,7 +1,8 @@
 """Data parallelism: one `data` mesh axis over every device of every process.
 
 The batch is split along its first dimension (`batch_sharding`); the train state and the base params are
-replicated (`replicated`). `jax.jit` with these committed inputs runs SPMD and inserts the gradient all-reduce.
+replicated (`replicated`). The train step (train.step) runs each device's rows under `jax.shard_map` and sums the
+gradients over `AXIS` once per step; elsewhere `jax.jit` with these committed inputs runs SPMD.
 
 Multi-host: start one process per host (or per GPU) and call `init_distributed` before anything touches the
 devices; each process loads its own samples (`SFTLoader` slices by process index) and `put_batch` assembles the
