@@ -265,10 +265,9 @@ def step_body(model, tx, *, accumulation_steps: int = 1, grad_clip: float = 1.0,
         groups, c = cap if cap is not None else (1, None)
         if per_device:
             # check_vma off: with it, JAX would sum the replicated adapter's gradient over the devices inside the
-            # loop (every chunk), which is what this path avoids; the one psum above does it instead.
-            sums = jax.shard_map(partial(device_sums, c=c), mesh=mesh, in_specs=(P(), P(), P(None, AXIS), P(), P(),
-                                                                                 P(), P(), P()),
-                                 out_specs=P(), check_vma=False)
+            # loop (every chunk), which is what this path avoids; device_sums' one psum does it instead.
+            specs = (P(), P(), P(None, AXIS)) + (P(),) * 5  # adapter, params, chunks (rows split), the rest
+            sums = jax.shard_map(partial(device_sums, c=c), mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False)
             nll_sum, aux_sum, grads = sums(state.adapter, params, chunks, n_chunks, total, n, rng, gain)
         else:
             nll_sum, aux_sum, grads = chunk_sums(state.adapter, params, chunks, n_chunks, total, n, rng, gain,
