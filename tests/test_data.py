@@ -402,6 +402,41 @@ def test_group_by_length(ds):
             and not (loader(ds, batch=4, seed=4, group_by_length=True).plan(0).order == g0.order).all())
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_pack_with_tail_keeps_every_sample_and_never_costs_more(seed):
+    """pack_with_tail: every sample once, full rows then short ones within their lengths, and the busiest of the
+    slots never computes more than with full rows only; the odd row of 2 devices goes short when it can."""
+    from train.packing import pack_rows, pack_with_tail, step_cost
+
+    rs = np.random.RandomState(seed)
+    lengths = np.concatenate([rs.randint(20, 80, 40), rs.randint(80, 340, 20)])
+    samples = rs.permutation(len(lengths))[:16]
+    for slots in (1, 2, 3):
+        rows, n_main = pack_with_tail(samples, lengths, 340, 176, slots)
+        assert sorted(i for r in rows for i in r) == sorted(samples.tolist())
+        assert all(lengths[r].sum() <= 340 for r in rows[:n_main])
+        assert all(lengths[r].sum() <= 176 for r in rows[n_main:])
+        plain = pack_rows(samples, lengths, 340)
+        assert step_cost(n_main, len(rows) - n_main, 340, 176, slots) <= step_cost(len(plain), 0, 340, 176, slots)
+    rows, n_main = pack_with_tail(np.arange(5), np.array([300, 300, 300, 30, 20]), 340, 176, 2)
+    assert n_main == len(rows) == 3  # the odd row holds a sample too long for a short row: nothing changes
+    rows, n_main = pack_with_tail(np.arange(4), np.array([300, 300, 150, 20]), 340, 176, 2)
+    assert (n_main, len(rows)) == (2, 3) and rows[2] == [2]  # the odd row (150) goes short, to the other device
+    assert step_cost(2, 1, 340, 176, 2) == 340 + 176 < step_cost(3, 0, 340, 176, 2) == 2 * 340
+
+
+def test_packed_tail_rows(ds):
+    """A loader with tail_len: the same samples per step as without, rows of seq_len whose lightest ones hold at
+    most tail_len tokens, and a fill ratio at least as good."""
+    plain = loader(ds, batch=6, num_epochs=1, seed=3, packed=True, seq_len=192, row_multiple=2)
+    tailed = loader(ds, batch=6, num_epochs=1, seed=3, packed=True, seq_len=192, row_multiple=2, tail_len=96)
+    short = 0
+    for a, b in zip(plain, tailed):
+        assert sorted(_samples(a, ds.pad_id)) == sorted(_samples(b, ds.pad_id)) and b["input_ids"].shape[1] == 192
+        short += int(((b["segment_ids"] > 0).sum(1) <= 96).sum())
+    assert short > 0 and tailed.fill_ratio(0) >= plain.fill_ratio(0)
+
+
 def test_batch_tokens_packs_the_epoch(ds):
     """The explicit token-budget mode: rows packed over the epoch, batch_tokens // seq_len rows a step."""
     tok = loader(ds, batch=4, num_epochs=1, seed=3, batch_tokens=4 * 256 + 100, seq_len=256)

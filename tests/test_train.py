@@ -117,6 +117,27 @@ def test_prepare_batch_chunks():
     assert (batch["labels"][:, t:] == B.IGNORE).all()  # trimming cut only unlabelled columns
 
 
+def test_prepare_batch_tail():
+    """Rows whose labels end within `tail` tokens go to the "tail/" chunks, cut to that length, continuing the round
+    robin over the slots where the full rows stopped; the full rows keep their order; nothing is lost."""
+    batch = _batch(2, b=6, t=13)
+    for r in (1, 3, 4):
+        batch["labels"][r, 7:] = B.IGNORE  # last label at position 6: fits a tail of 7
+    chunks, n, cap, stats = B.prepare_batch(batch, devices=2, rows_per_device=1, max_rows=7, labels_only=False,
+                                            trim=False, tail=7)
+    assert chunks["input_ids"].shape == (4, 2, 13) and chunks["tail/input_ids"].shape == (4, 2, 7)
+    assert n == 2  # 3 full rows: 2 chunks
+    full, short = chunks["labels"].reshape(8, 13), chunks["tail/labels"].reshape(8, 7)
+    np.testing.assert_array_equal(full[:3], batch["labels"][[0, 2, 5]])
+    # full rows on slots 0, 1, 0: the short ones continue at slot 1, so flat indices 1, 2, 3
+    np.testing.assert_array_equal(short[1:4], batch["labels"][[1, 3, 4], :7])
+    assert (full[3:] == B.IGNORE).all() and (short[[0, 4, 5, 6, 7]] == B.IGNORE).all()
+    np.testing.assert_array_equal(chunks["tail/input_ids"].reshape(8, 7)[1:4], batch["input_ids"][[1, 3, 4], :7])
+    assert stats["positions"] == 2 * (2 * 13 + 7)  # each slot: 2 full rows + 1 short (slot 0), or 1 + 2 (slot 1)
+    none = B.prepare_batch(batch, devices=2, rows_per_device=1, max_rows=7, labels_only=False, trim=False)[0]
+    assert not any(k.startswith(B.TAIL) for k in none)
+
+
 @pytest.mark.parametrize("groups", [1, 2, 4])
 def test_labels_only_projection_equals_full_logits(dense, groups):
     """Projecting only the labelled positions (gathered per group of rows: 1 = the whole batch, 4 = per row)
@@ -192,24 +213,30 @@ def _identity_loader(tmp_path, n, batch, **kw):
 
 
 def test_packed_step_equals_padded_step(tmp_path, tx):
-    """The same 7 samples, padded (one per row, MiniMind) or packed (several per row): the train step's loss and
-    gradients agree to 1e-5."""
+    """The same 7 samples, padded (one per row, MiniMind), packed (several per row), or packed with short rows run
+    as a second shape (the tail): the train step's loss and gradients agree to 1e-5."""
     ds, tok, padded = _identity_loader(tmp_path, 20, 7)
     _, _, packed = _identity_loader(tmp_path, 20, 7, packed=True, seq_len=192)
+    _, _, tailed = _identity_loader(tmp_path, 20, 7, packed=True, seq_len=192, tail_len=96, row_multiple=2)
     model, params = _params(CFG.replace(vocab_size=tok.vocab_size))
     adapter = lora.init(params, jax.random.PRNGKey(1), rank=2)
     adapter = adapter.replace(weights=jax.tree.map(lambda x: x + 0.03, adapter.weights))
     step = S.make_train_step(model, tx, accumulation_steps=2)  # update=False keeps the gradients in grad_acc
     got = {}
-    for name, loader in (("padded", padded), ("packed", packed)):
+    for name, loader, kw in (("padded", padded, {}), ("packed", packed, {}), ("tail", tailed, {"tail": 96})):
         batch = loader.get_batch(0, 1)
-        if name == "packed":
+        if name != "padded":
             assert batch["input_ids"].shape[0] < 7 and batch["segment_ids"].max() >= 2  # samples share rows
-        state, m = _step(step, S.init_state(adapter, tx), params, batch, update=False, pad_id=ds.pad_id, max_rows=7)
+        if name == "tail":
+            chunks = B.prepare_batch(batch, max_rows=7, **kw)[0]
+            assert (chunks["tail/labels"] != B.IGNORE).any() and (chunks["labels"] != B.IGNORE).any()  # both shapes
+        state, m = _step(step, S.init_state(adapter, tx), params, batch, update=False, pad_id=ds.pad_id, max_rows=7,
+                         **kw)
         got[name] = (float(m["loss"]), state.grad_acc)
-    np.testing.assert_allclose(got["packed"][0], got["padded"][0], rtol=1e-5)
-    for x, y in zip(jax.tree.leaves(got["packed"][1]), jax.tree.leaves(got["padded"][1])):
-        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+    for name in ("packed", "tail"):
+        np.testing.assert_allclose(got[name][0], got["padded"][0], rtol=1e-5)
+        for x, y in zip(jax.tree.leaves(got[name][1]), jax.tree.leaves(got["padded"][1])):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
     assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(got["padded"][1])) > 0
 
 
@@ -306,8 +333,8 @@ adapter = lora.init(params, jax.random.PRNGKey(1), rank=3)
 tx = S.make_optimizer()
 rs = np.random.RandomState(0)
 out = {}
-for n in (1, 4, "spmd"):  # "spmd": the loop over whole chunks (no mesh: one all-reduce per chunk)
-    mesh = sharding.make_mesh(jax.devices()[:4 if n == "spmd" else n])
+for n in (1, 4, "spmd", "4-notail"):  # "spmd": the loop over whole chunks (no mesh: one all-reduce per chunk)
+    mesh = sharding.make_mesh(jax.devices()[:1 if n == 1 else 4])
     step = S.make_train_step(model, tx, accumulation_steps=2,
                              state_sharding=None if n == "spmd" else sharding.replicated(mesh))
     state = sharding.replicate(S.init_state(adapter, tx), mesh)
@@ -317,8 +344,10 @@ for n in (1, 4, "spmd"):  # "spmd": the loop over whole chunks (no mesh: one all
     for i in range(4):  # 7 rows: not a multiple of 4 devices (the last chunk holds padding rows)
         ids = rs.randint(3, 96, (7, 16)).astype(np.int32); lab = ids.copy(); lab[:, :5] = -100
         lab[i] = -100  # a row without labels, first on one device, then further in: its later rows still count
+        lab[[(i + 2) % 7, 6], 9:] = -100  # short rows, run as the tail (all on one device in one of the steps)
         d = mesh.devices.size
-        chunks, n_chunks, cap, _ = B.prepare_batch({"input_ids": ids, "labels": lab}, devices=d, max_rows=8)
+        chunks, n_chunks, cap, _ = B.prepare_batch({"input_ids": ids, "labels": lab}, devices=d, max_rows=8,
+                                                   tail=None if n == "4-notail" else 9)
         batch = sharding.put_batch(chunks, mesh)
         assert len(batch["input_ids"].sharding.device_set) == d
         state, m = step(state, p, batch, np.int32(n_chunks), 1e-2, cap=cap, update=i % 2 == 1)
@@ -337,6 +366,7 @@ def test_four_devices_match_one():
     out = json.loads(r.stdout.split("RESULT ", 1)[1])
     np.testing.assert_allclose(out["4"], out["1"], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out["spmd"], out["1"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["4-notail"], out["1"], rtol=1e-5, atol=1e-5)
     assert out["1"][0] != out["1"][3]  # it trained
 
 

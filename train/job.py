@@ -121,12 +121,15 @@ def plan_batches(cfg: RunConfig, config, ds) -> Batches:
     devices = jax.local_device_count()
     host_rows = (cfg.batch_tokens // cfg.max_seq_len if cfg.batch_tokens else cfg.batch_size) // jax.process_count()
     per_device = rows_per_device(cfg, config, max(host_rows, 1), devices)
-    half = -(-cfg.max_seq_len // 32) * 16  # a second row length for batches of short samples (one more compile)
+    # Short rows of half the length for what does not divide evenly over the devices (and batches of short samples):
+    # a second loop in the same step. Not with MoE, whose aux loss averages over MiniMind's full rows.
+    half = -(-cfg.max_seq_len // 32) * 16
+    tail = half if cfg.pack and not cfg.batch_tokens and not config.use_moe and half >= 64 else None
     try:
         loader = SFTLoader(ds, cfg.batch_size, packed=cfg.pack, batch_tokens=cfg.batch_tokens,
                            group_by_length=cfg.group_by_length, seed=cfg.seed, add_system_ratio=cfg.add_system_ratio,
-                           empty_think_ratio=cfg.empty_think_ratio, num_epochs=cfg.epochs,
-                           row_lengths=(half,) if half >= 64 else (), row_multiple=devices * per_device)
+                           empty_think_ratio=cfg.empty_think_ratio, num_epochs=cfg.epochs, tail_len=tail,
+                           row_multiple=devices * per_device)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     iters = tuple(loader.steps_in_epoch(e) for e in range(cfg.epochs))
@@ -135,7 +138,7 @@ def plan_batches(cfg: RunConfig, config, ds) -> Batches:
     trim = not config.use_moe and not cfg.pack
     labels_only = cfg.labels_only and not step_lib.blocked_vocabulary(config, cfg.labels_only)  # the step's own way
     prepare = lambda b: prepare_batch(b, devices=devices, rows_per_device=per_device, max_rows=loader.max_rows,
-                                      trim=trim, labels_only=labels_only, pad_id=ds.pad_id)
+                                      trim=trim, labels_only=labels_only, pad_id=ds.pad_id, tail=loader.tail_len)
     return Batches(loader, iters, np.concatenate([[0], np.cumsum(iters)]).astype(int), per_device, prepare)
 
 
@@ -154,7 +157,8 @@ def describe(cfg: RunConfig, params, adapter, ds, batches: Batches, devices: int
     """The log lines on the sizes of the run: parameters, then data and steps."""
     n_base, n_lora = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)), adapter.num_params()
     loader = batches.loader
-    rows = (f"packed into rows of {' or '.join(map(str, loader.row_lengths[::-1]))} tokens" if cfg.pack else
+    rows = (f"packed into rows of {loader.seq_len} tokens"
+            + (f", {loader.tail_len} for the short ones" if loader.tail_len else "") if cfg.pack else
             f"padded to rows of {loader.seq_len}")
     per_step = (f"{loader.rows_per_step} rows of {loader.seq_len} tokens per step (--batch_tokens {cfg.batch_tokens}; "
                 "--batch_size not used)" if cfg.batch_tokens else

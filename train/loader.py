@@ -6,7 +6,8 @@
     input_ids [B, max_seq_len] int32  right-padded with pad_token_id (B = the host's share; a short last batch
     labels    [B, max_seq_len] int32  keeps B rows, the missing ones empty); -100 = not supervised
   packed mode (packed=True): exactly the same samples, packed best-fit-decreasing into as few rows as they need
-  (R varies from step to step; T = the candidate row length that wastes least, see SFTLoader):
+  (R varies from step to step; T = seq_len; with tail_len, the lightest rows may hold only tail_len tokens, see
+  SFTLoader):
     input_ids   [R, T] int32  samples laid end to end, then pad_token_id
     labels      [R, T] int32  each sample's own labels; the first token of every sample is -100
     segment_ids [R, T] int32  1..n for the samples of a row, 0 for padding
@@ -28,13 +29,13 @@ resume trivial.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional
 
 import jax
 import numpy as np
 
 from train.dataset import IGNORE, SFTDataset, assistant_labels
-from train.packing import group_by_length, pack_rows
+from train.packing import group_by_length, pack_rows, pack_with_tail, step_cost
 
 
 @dataclass
@@ -56,10 +57,10 @@ class SFTLoader:
       (less packing waste, same number of samples per step, different batches).
     batch_tokens: the token-budget mode instead (TRL-style, changes the optimisation): the whole epoch is packed
       into rows of seq_len and each step takes batch_tokens // seq_len rows, however many samples they hold.
-    row_lengths / row_multiple (packed sample batches): the row length follows the batch: each step's samples are
-      packed at every candidate length that holds its longest sample (default: seq_len only) and the one with the
-      fewest tokens in ceil(rows / row_multiple) * row_multiple rows wins (row_multiple: the rows a forward pass
-      runs at once, e.g. one per data device), so a batch of short samples gets short rows.
+    tail_len / row_multiple (packed sample batches): rows of seq_len, and the lightest of them repacked into rows
+      of tail_len where that shortens the step (packing.pack_with_tail: the busiest of row_multiple slots, e.g. one
+      per data device, computes fewest positions), so a step whose rows do not divide evenly over the devices, or a
+      batch of short samples, gets short rows (train.batch.prepare_batch runs them as a second, shorter shape).
     """
 
     def __init__(self, dataset: SFTDataset, batch_size: int, *, packed: bool = False,
@@ -67,7 +68,7 @@ class SFTLoader:
                  group_by_length: bool = False, seq_len: Optional[int] = None, seed: int = 42, shuffle: bool = True,
                  add_system_ratio: float = 0.2, empty_think_ratio: float = 0.2, drop_last: bool = False,
                  num_epochs: Optional[int] = None, process_index: Optional[int] = None,
-                 process_count: Optional[int] = None, pack_window: int = 4096, row_lengths: Sequence[int] = (),
+                 process_count: Optional[int] = None, pack_window: int = 4096, tail_len: Optional[int] = None,
                  row_multiple: int = 1):
         if process_index is None or process_count is None:
             process_index, process_count = jax.process_index(), jax.process_count()
@@ -99,7 +100,7 @@ class SFTLoader:
         self.group_by_length, self.seed, self.shuffle = group_by_length, seed, shuffle
         self.add_system_ratio, self.empty_think_ratio, self.drop_last = add_system_ratio, empty_think_ratio, drop_last
         self.num_epochs, self.pack_window = num_epochs, pack_window
-        self.row_lengths = sorted({min(int(t), self.seq_len) for t in row_lengths} | {self.seq_len})
+        self.tail_len = tail_len if packed and batch_tokens is None and tail_len and tail_len < self.seq_len else None
         self.row_multiple = max(1, int(row_multiple))
         self.process_index, self.process_count = process_index, process_count
         self.host_unit = unit // process_count  # samples (or token-mode rows) of each host per step
@@ -140,47 +141,34 @@ class SFTLoader:
 
     def host_samples(self, epoch: int, step: int) -> list:
         """This host's share of global step `step`: a list of rows, each a list of sample indices."""
-        return self._layout(epoch, step)[1]
-
-    def row_length(self, epoch: int, step: int) -> int:
-        """The row length of this host's batch `step` (seq_len but in packed sample batches of short samples)."""
         return self._layout(epoch, step)[0]
 
-    def _layout(self, epoch: int, step: int) -> tuple[int, list]:
-        """-> (row length, rows of sample indices) of this host's batch `step`: packed once per call."""
+    def _layout(self, epoch: int, step: int) -> tuple[list, int]:
+        """-> (rows of sample indices, how many of them are full-length: the rest are tail_len rows, last) of this
+        host's batch `step`: packed once per call."""
         p = self.plan(epoch)
         if self.batch_tokens is not None:
             first = step * self.rows_per_step + self.process_index * self.host_unit
-            return self.seq_len, [list(r) for r in p.rows[first : first + self.host_unit]]
+            rows = [list(r) for r in p.rows[first : first + self.host_unit]]
+            return rows, len(rows)
         first = step * self.batch_size + self.process_index * self.host_unit
         mine = p.order[first : first + self.host_unit]  # fewer (or none) in a short last batch
         if not self.packed:
-            return self.seq_len, [[int(i)] for i in mine]
-        return self._pack(mine, p.lengths)
-
-    def _pack(self, samples: np.ndarray, lengths: np.ndarray) -> tuple[int, list]:
-        """-> (row length, rows): the candidate length whose packing needs the fewest padded tokens."""
-        longest = int(lengths[samples].max()) if len(samples) else 1
-        best = None
-        for t in self.row_lengths:
-            if t < longest:
-                continue
-            rows = pack_rows(samples, lengths, t)
-            cost = -(-max(len(rows), 1) // self.row_multiple) * t
-            if best is None or cost < best[0]:
-                best = (cost, t, rows)
-        return best[1], best[2]
+            return [[int(i)] for i in mine], len(mine)
+        return pack_with_tail(mine, p.lengths, self.seq_len, self.tail_len, self.row_multiple)
 
     def fill_ratio(self, epoch: int) -> float:
-        """Fraction of real tokens in the rows this host's steps compute over an epoch (padding efficiency): packed
-        rows counted in whole groups of row_multiple (the empty rows that fill a step's last group cost as much)."""
-        p, real, rows = self.plan(epoch), 0, 0
+        """Fraction of real tokens in the positions this host's steps compute over an epoch (padding efficiency):
+        packed rows as their busiest slot of row_multiple computes them (packing.step_cost: a device that waits for
+        another costs as much)."""
+        p, real, positions = self.plan(epoch), 0, 0
         m = self.row_multiple
         for s in range(self.steps_in_epoch(epoch)):
-            t, host = self._layout(epoch, s)
+            host, n_main = self._layout(epoch, s)
             real += int(sum(p.lengths[i] for r in host for i in r))
-            rows += (-(-max(len(host), 1) // m) * m if self.packed else self.host_unit) * t
-        return real / max(rows, 1)
+            positions += (m * step_cost(n_main, len(host) - n_main, self.seq_len, self.tail_len or 0, m)
+                          if self.packed else self.host_unit * self.seq_len)
+        return real / max(positions, 1)
 
     # -- batches
     def get_batch(self, epoch: int, step: int) -> dict:
@@ -190,7 +178,7 @@ class SFTLoader:
         many rows as the samples need (at least one) and segment_ids / positions.
         """
         p, ds = self.plan(epoch), self.ds
-        T, host = self._layout(epoch, step)
+        T, (host, _) = self.seq_len, self._layout(epoch, step)
         B = max(len(host), 1) if self.packed else self.host_unit
         ids = np.full((B, T), ds.pad_id, np.int32)  # [B, T]
         labels = np.full((B, T), IGNORE, np.int32)  # [B, T]

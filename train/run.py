@@ -25,7 +25,7 @@ import convert
 from minimind_jax import MiniMindForCausalLM
 from minimind_jax.config import compute_dtype
 from train import compile_cache, job as job_lib, sharding, step as step_lib
-from train.batch import IGNORE
+from train.batch import IGNORE, TAIL
 from train.config import PROMPTS, RunConfig
 from train.metrics import MetricsWriter, plot_loss
 from train.interrupt import Interrupted, StopRequests
@@ -318,7 +318,7 @@ def _device_batch(mesh: Mesh, arrays: dict, n_chunks: int, cap, signum: int):
     if jax.process_count() > 1:  # every host must pick the same static shapes and loop length, and stop together
         t_need, c_need, n_chunks, signum = (int(x) for x in sharding.agree_max(
             [arrays["labels"].shape[-1], cap[1] if cap else 0, n_chunks, signum]))
-        arrays = {k: _pad_to(v, t_need, k) for k, v in arrays.items()}
+        arrays = {k: v if k.startswith(TAIL) else _pad_to(v, t_need, k) for k, v in arrays.items()}  # tails: fixed
         cap = (mesh.devices.size, c_need) if cap is not None else None  # groups: every device
     return sharding.put_batch(arrays, mesh), n_chunks, cap, signum
 

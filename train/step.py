@@ -45,7 +45,7 @@ from jax.sharding import PartitionSpec as P
 import lora as lora_lib
 from minimind_jax.model import nll_sum
 from train import compile_cache, vocab_loss
-from train.batch import IGNORE
+from train.batch import IGNORE, TAIL
 from train.sharding import AXIS
 
 
@@ -208,6 +208,12 @@ def blocked_vocabulary(config, labels_only: bool = True) -> bool:
     return labels_only and not config.use_moe and jax.default_backend() == "cpu"
 
 
+def last_labelled(chunks):
+    """1 + the index of the last of chunks [C, ...] whose rows hold a label (0: none)."""
+    labelled = jnp.any(chunks["labels"][..., 1:] != IGNORE, axis=tuple(range(1, chunks["labels"].ndim)))
+    return jnp.max(jnp.where(labelled, jnp.arange(1, labelled.shape[0] + 1), 0))
+
+
 def step_body(model, tx, *, accumulation_steps: int = 1, grad_clip: float = 1.0, mesh=None,
               labels_only: bool = True):
     """-> step(state, params, chunks, n_chunks, lr, *, cap, update, gain=None) -> (state, metrics), not jitted.
@@ -223,6 +229,8 @@ def step_body(model, tx, *, accumulation_steps: int = 1, grad_clip: float = 1.0,
     other chunk by chunk; a MoE model keeps that way, because its aux loss is a mean over a chunk's rows on every
     device.
     `labels_only`: see blocked_vocabulary.
+    Short rows (prepare_batch's "tail/" chunks, when present) run after the full ones as a second loop of their own
+    shape, up to the last chunk that holds a label (per device on a mesh); their sums join the full rows'.
     `update` (static): apply the optimizer after adding this micro-batch's gradients (MiniMind: every
     `accumulation_steps` micro-steps and at the end of an epoch). `cap` (static): prepare_batch's (groups, C) or
     None, see labelled_nll.
@@ -250,17 +258,28 @@ def step_body(model, tx, *, accumulation_steps: int = 1, grad_clip: float = 1.0,
         zero = jnp.zeros((), jnp.float32)
         return jax.lax.fori_loop(0, n_chunks, body, (zero, zero, jax.tree.map(jnp.zeros_like, adapter.weights)))
 
+    def all_sums(adapter, params, chunks, n_chunks, total, n, rng, gain, groups, c, per_device_trips=False):
+        """The full rows' loop, then the short rows' (if any) -> their summed (nll, aux, gradients). The full rows
+        run n_chunks chunks, or on one device up to its last labelled chunk; the short rows to their last."""
+        main = {k: v for k, v in chunks.items() if not k.startswith(TAIL)}
+        tail = {k[len(TAIL):]: v for k, v in chunks.items() if k.startswith(TAIL)}
+        trips = jnp.minimum(last_labelled(main), n_chunks) if per_device_trips else n_chunks
+        sums = chunk_sums(adapter, params, main, trips, total, n, rng, gain, groups, c)
+        if tail:
+            more = chunk_sums(adapter, params, tail, last_labelled(tail), total, n, jax.random.fold_in(rng, 1 << 30),
+                              gain, groups, c)
+            sums = jax.tree.map(jnp.add, sums, more)
+        return sums
+
     def device_sums(adapter, params, chunks, n_chunks, total, n, rng, gain, c):
-        """One device's rows [C, P/devices, T]: its own trip count, then one sum over the devices."""
-        labelled = jnp.any(chunks["labels"][..., 1:] != IGNORE, axis=tuple(range(1, chunks["labels"].ndim)))
-        mine = jnp.minimum(jnp.max(jnp.where(labelled, jnp.arange(1, labelled.shape[0] + 1), 0)), n_chunks)
+        """One device's rows [C, P/devices, T]: its own trip counts, then one sum over the devices."""
         rng = jax.random.fold_in(rng, jax.lax.axis_index(AXIS))
-        sums = chunk_sums(adapter, params, chunks, mine, total, n, rng, gain, 1, c)
-        return jax.lax.psum(sums, AXIS)
+        return jax.lax.psum(all_sums(adapter, params, chunks, n_chunks, total, n, rng, gain, 1, c, True), AXIS)
 
     def step(state: TrainState, params, chunks, n_chunks, lr, *, cap, update, gain=None):
         rng = jax.random.fold_in(state.rng, state.micro)
-        total = jnp.maximum(jnp.sum(chunks["labels"][..., 1:] != IGNORE), 1).astype(jnp.float32)
+        total = sum(jnp.sum(v[..., 1:] != IGNORE) for k, v in chunks.items() if k.endswith("labels"))
+        total = jnp.maximum(total, 1).astype(jnp.float32)
         n = jnp.maximum(n_chunks, 1).astype(jnp.float32)
         groups, c = cap if cap is not None else (1, None)
         if per_device:
@@ -270,8 +289,7 @@ def step_body(model, tx, *, accumulation_steps: int = 1, grad_clip: float = 1.0,
             sums = jax.shard_map(partial(device_sums, c=c), mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False)
             nll_sum, aux_sum, grads = sums(state.adapter, params, chunks, n_chunks, total, n, rng, gain)
         else:
-            nll_sum, aux_sum, grads = chunk_sums(state.adapter, params, chunks, n_chunks, total, n, rng, gain,
-                                                 groups, c)
+            nll_sum, aux_sum, grads = all_sums(state.adapter, params, chunks, n_chunks, total, n, rng, gain, groups, c)
         ce, aux = nll_sum / total, aux_sum / n
         loss = ce + aux
         grad_acc = jax.tree.map(jnp.add, state.grad_acc, grads)
