@@ -13,7 +13,7 @@ import numpy as np
 
 from minimind_jax.buckets import bucket_length
 from minimind_jax.model import IGNORE_INDEX
-from train.packing import slots_of
+from train.packing import step_cost
 
 IGNORE = IGNORE_INDEX
 TAIL = "tail/"  # key prefix of the short rows' chunks
@@ -64,8 +64,7 @@ def prepare_batch(batch: dict, *, devices: int = 1, rows_per_device: int = 1, ma
     need_t = int(cols[-1]) + 2 if len(cols) else 2  # last labelled shifted column c is label position c+1
     tb = bucket_length(need_t, maximum=t) if trim else t
     out = {}
-    main_slots, tail_slots = slots_of(len(main), int(short.sum()), per)
-    tail_at = len(main) % per + np.arange(short.sum())  # flat index of each short row (after the full ones)
+    tail_at = len(main) % per + np.arange(short.sum())  # flat index of each short row: packing.slots_of's layout
     for k, v in batch.items():
         fill = IGNORE if k == "labels" else (pad_id or 0) if k == "input_ids" else 0
         full = np.full((c_max * per, tb), fill, v.dtype)
@@ -82,10 +81,7 @@ def prepare_batch(batch: dict, *, devices: int = 1, rows_per_device: int = 1, ma
     cap = bucket_length(need_cap, maximum=positions)
     # Gathering pays only when it drops most positions; short of that, full logits keep the compiled shapes few.
     cap = (devices, cap) if labels_only and cap <= positions // 2 else None
-    computed = n_chunks * per * tb
-    if tail is not None:
-        load = np.bincount(main_slots, minlength=per) * tb + np.bincount(tail_slots, minlength=per) * tail
-        computed = int(load.max()) * per
+    computed = n_chunks * per * tb if tail is None else step_cost(len(main), int(short.sum()), tb, tail, per) * per
     stats = {"tokens": tokens, "labelled": int(valid.sum()), "rows": r, "positions": computed,
              "need_t": need_t, "need_cap": need_cap}
     return out, n_chunks, cap, stats
