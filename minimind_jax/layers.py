@@ -18,6 +18,33 @@ Dtype = Any
 default_init = nn.initializers.normal(stddev=0.02)  # MiniMind-3's post_init (transformers' _init_weights)
 
 
+@jax.custom_vjp
+def lora_delta(x, a, b):  # x [..., I], a [I, R], b [R, O] -> [..., O]
+    """The LoRA branch (x @ A) @ B, with a backward that forms A's gradient as (g_u^T x)^T, g_u = g B^T.
+
+    Autodiff's own form, x^T g_u (a contraction over every token into an [I, R] result with R minor), runs
+    several times slower on XLA:CPU than the same product laid out [R, I]; the optimization barrier keeps XLA from
+    folding the transpose back into the product. The same values, up to the order of the sums."""
+    return (x @ a) @ b
+
+
+def _lora_delta_fwd(x, a, b):
+    u = x @ a  # [..., R]
+    return u @ b, (x, a, b, u)
+
+
+def _lora_delta_bwd(res, g):
+    x, a, b, u = res
+    g_u = g @ b.T  # [..., R]
+    tokens = tuple(range(x.ndim - 1))
+    over_tokens = lambda p, q: jax.lax.dot_general(p, q, ((tokens, tokens), ((), ())))
+    d_a = jax.lax.optimization_barrier(over_tokens(g_u, x)).T  # [R, I] -> [I, R]
+    return g_u @ a.T, d_a.astype(a.dtype), over_tokens(u, g).astype(b.dtype)
+
+
+lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
+
+
 class Linear(nn.Module):
     """Bias-free Linear; kernel [I, O] (torch stores [O, I]).
 
@@ -39,7 +66,7 @@ class Linear(nn.Module):
             a = self.get_variable("lora", "A").astype(self.dtype)
             b = self.get_variable("lora", "B").astype(self.dtype)
             if a.ndim == 2:
-                y = y + (x @ a) @ b
+                y = y + lora_delta(x, a, b)
             else:  # per-row adapters
                 y = y + jnp.einsum("btr,bro->bto", jnp.einsum("bti,bir->btr", x, a), b)
         return y

@@ -413,6 +413,26 @@ def loss(model, t):
     return lora.apply(model, t["params"], t["lora"], IDS, labels=IDS).loss
 
 
+@pytest.mark.parametrize("lead", [(5,), (2, 5), (3, 1, 4)])
+def test_lora_delta_gradients_equal_autodiffs(lead):
+    """layers.lora_delta's own backward (A's gradient laid out [R, I], then transposed) gives autodiff's gradients
+    of (x @ A) @ B for tokens of any leading shape, jitted and vmapped over adapters (a --sweep's members)."""
+    from minimind_jax.layers import lora_delta
+    ks = jax.random.split(jax.random.key(7), 4)
+    x = jax.random.normal(ks[0], lead + (7,))
+    a, b = jax.random.normal(ks[1], (7, 3)), jax.random.normal(ks[2], (3, 6))
+    w = jax.random.normal(ks[3], lead + (6,))  # a cotangent that is not all ones
+    ours = jax.jit(jax.grad(lambda x, a, b: jnp.sum(lora_delta(x, a, b) * w), argnums=(0, 1, 2)))(x, a, b)
+    ref = jax.grad(lambda x, a, b: jnp.sum((x @ a) @ b * w), argnums=(0, 1, 2))(x, a, b)
+    chex.assert_trees_all_close(ours, ref, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(lora_delta(x, a, b), (x @ a) @ b, rtol=1e-6, atol=1e-6)
+    stack = lambda t: jnp.stack([t, 2 * t + 1])
+    per = jax.vmap(jax.grad(lambda a, b: jnp.sum(lora_delta(x, a, b) * w), argnums=(0, 1)))(stack(a), stack(b))
+    for i in range(2):
+        one = jax.grad(lambda a, b: jnp.sum((x @ a) @ b * w), argnums=(0, 1))(stack(a)[i], stack(b)[i])
+        chex.assert_trees_all_close(jax.tree.map(lambda g: g[i], per), one, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------- PyTorch MiniMind fixtures
 def _read_state_dict(path):
     import torch
