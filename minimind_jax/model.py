@@ -178,5 +178,13 @@ def init_params(config: MiniMindConfig, seed: int = 0) -> dict:
     The one recipe for a random base (the trainer's default without --from_weight, the chat CLI without --weight):
     jitted init on a [1, 8] int32 dummy with `jax.random.PRNGKey(seed)`, so the same seed gives the same params
     everywhere."""
-    return jax.jit(lambda k: MiniMindForCausalLM(config).init(k, jnp.zeros((1, 8), jnp.int32))["params"])(
-        jax.random.PRNGKey(seed))
+    return jax.jit(_init(config))(jax.random.PRNGKey(seed))
+
+
+def param_shapes(config: MiniMindConfig) -> dict:
+    """init_params' tree with jax.ShapeDtypeStruct leaves: traced, not compiled or run (what a compile needs)."""
+    return jax.eval_shape(_init(config), jax.random.PRNGKey(0))
+
+
+def _init(config: MiniMindConfig):
+    return lambda key: MiniMindForCausalLM(config).init(key, jnp.zeros((1, 8), jnp.int32))["params"]

@@ -506,6 +506,29 @@ def test_padded_and_packed_runs_give_the_same_losses(tiny_data, tmp_path, moe):
         np.testing.assert_allclose(ce[1], ce[0], rtol=1e-3)
 
 
+def test_fresh_run_compiles_its_first_step_before_making_the_base(tiny_data, tmp_path, monkeypatch):
+    """setup starts the first step's compile from shapes, then makes the random base; the step then runs the real
+    arrays through that same executable (one compile) and trains as a plain run does."""
+    from minimind_jax.model import init_params
+    from train import run as run_lib
+
+    events = []
+    start, init = S.CompiledSteps.start, run_lib.init_params
+    monkeypatch.setattr(S.CompiledSteps, "start", lambda self, *a, **k: (events.append("compile"),
+                                                                          start(self, *a, **k))[1])
+    monkeypatch.setattr(run_lib, "init_params", lambda *a: (events.append("base"), init(*a))[1])
+    cfg = RunConfig.from_argv(_cli_args(tiny_data, tmp_path / "early", "--cpu_devices", "1"))
+    job, state = run_lib.setup(cfg)
+    assert events == ["compile", "base"]
+    ref = init_params(job.config, cfg.seed)
+    for x, y in zip(jax.tree.leaves(job.params), jax.tree.leaves(ref)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    out = run_lib.drive(job, state)
+    assert len(job.train_step.compile_s) == 1 and events.count("compile") == 2  # drive's start found it started
+    plain = _run(tiny_data, tmp_path / "plain", "--from_resume", "1")  # no checkpoint there: starts fresh, no early
+    np.testing.assert_allclose(out["losses"], plain["losses"], rtol=1e-6)
+
+
 def test_resume_reproduces_uninterrupted_run(tiny_data, tmp_path):
     from train.metrics import read_metrics
 

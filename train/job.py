@@ -14,7 +14,7 @@ import numpy as np
 import convert
 import lora
 from minimind_jax import MiniMindConfig
-from minimind_jax.model import init_params
+from minimind_jax.model import init_params, param_shapes
 from minimind_jax.tokenizer import load_tokenizer
 from train import step as step_lib
 from train.batch import prepare_batch
@@ -47,15 +47,16 @@ def resolve_names(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
-def load_base(cfg: RunConfig):
+def load_base(cfg: RunConfig, shapes_only: bool = False):
     """-> (config, params, note): --from_weight's model (a path: `resolve_names` first for MiniMind names), or a
-    random MiniMind2-small-shaped one (seed --seed)."""
+    random MiniMind2-small-shaped one (seed --seed). shapes_only: a random base's params as jax.ShapeDtypeStruct
+    leaves, made later (train.run.Prepared.with_base), so that the train step can compile meanwhile."""
     if not cfg.random_base:
         config, params = convert.load_model(cfg.from_weight)
         return config, params, f"base weights: {cfg.from_weight} ({config.family}, {_shape(config)})"
     config = MiniMindConfig.minimind2_small(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
                                             use_moe=cfg.use_moe)
-    params = init_params(config, cfg.seed)
+    params = param_shapes(config) if shapes_only else init_params(config, cfg.seed)
     return config, params, (f"no --from_weight: random-init base (MiniMind2-small-shaped, {_shape(config)}, "
                             f"seed {cfg.seed}); answers before training are gibberish")
 

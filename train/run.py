@@ -10,6 +10,7 @@ simulate a crash); `state` is the train.step.TrainState, donated to the next ste
 """
 from __future__ import annotations
 
+import dataclasses
 import signal
 import time
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from tqdm import tqdm
 import convert
 from minimind_jax import MiniMindForCausalLM
 from minimind_jax.config import compute_dtype
+from minimind_jax.model import init_params
 from train import compile_cache, job as job_lib, sharding, step as step_lib
 from train.batch import IGNORE, TAIL
 from train.config import PROMPTS, RunConfig
@@ -125,7 +127,10 @@ def drive(job: Job, state, on_step=None, t_start: Optional[float] = None) -> dic
         state, (epoch0, step0), resumed_at = restore(job, state)
         positions = job.batches.positions(epoch0, step0)
         if positions and jax.process_count() == 1:  # compile the first batch's step while the prompts are answered
-            _precompile(job, state, positions[0])
+            e, s = positions[0]
+            lr = job.lr_at(int(job.batches.offsets[e]) + s + 1)  # a sweep's is a vector: the compiled shape
+            _precompile(job.train_step, job.batches, job.mesh, state, job.params, positions[0], lr,
+                        _is_update(job.cfg, job.batches, e, s + 1))
         answers_before = []
         if job.cfg.prompt_list and resumed_at is None:  # a sweep's members start alike (B = 0, or one --from_lora)
             answers_before = _answers(job, job.adapters(state)[0][1], "[before]")
@@ -142,19 +147,36 @@ def drive(job: Job, state, on_step=None, t_start: Optional[float] = None) -> dic
 
 
 def setup(cfg: RunConfig):
-    """-> (Job, fresh train state on the mesh); logs what it built."""
-    ready = prepare(cfg)
+    """-> (Job, fresh train state on the mesh); logs what it built.
+
+    A fresh run's first step starts compiling from shapes alone, before the base (a random one) and the adapter
+    are made: their inits are compiles of their own, and a compile keeps one core busy while the others wait."""
+    ready = prepare(cfg, shapes_only=True)
     cfg, mesh = ready.cfg, ready.mesh
-    adapter, adapter_note = job_lib.make_adapter(cfg, ready.params)
-    log(adapter_note)
-    ready.describe(adapter)
     tx = step_lib.make_optimizer()
-    state = sharding.replicate(step_lib.init_state(adapter, tx, seed=cfg.seed), mesh)
     train_step = step_lib.CompiledSteps(step_lib.make_train_step(
         ready.model, tx, accumulation_steps=cfg.accumulation_steps, grad_clip=cfg.grad_clip,
         state_sharding=sharding.replicated(mesh), labels_only=cfg.labels_only))
+    if not (cfg.from_resume or cfg.from_lora) and jax.process_count() == 1:  # a new adapter: shapes from lora.init
+        _compile_first_step(ready, train_step, tx)
+    ready = ready.with_base()
+    adapter, adapter_note = job_lib.make_adapter(cfg, ready.params)
+    log(adapter_note)
+    ready.describe(adapter)
+    state = sharding.replicate(step_lib.init_state(adapter, tx, seed=cfg.seed), mesh)
     return ready.job(Job, train_step, ready.run_meta(adapter), cfg.lora_name,
                      adapter_path(cfg.save_dir, cfg.lora_name, ready.config)), state
+
+
+def _compile_first_step(ready: "Prepared", train_step: step_lib.CompiledSteps, tx) -> None:
+    """Start compiling a fresh run's first step from the shapes of its base, adapter and state (see setup)."""
+    cfg, rep = ready.cfg, sharding.replicated(ready.mesh)
+    spec = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), tree)
+    adapter = jax.eval_shape(lambda p: job_lib.make_adapter(cfg, p)[0], ready.params)
+    state = jax.eval_shape(lambda a: step_lib.init_state(a, tx, seed=cfg.seed), adapter)
+    lr = step_lib.get_lr(1, ready.batches.total, cfg.learning_rate)
+    _precompile(train_step, ready.batches, ready.mesh, spec(state), spec(ready.params), (0, 0), lr,
+                _is_update(cfg, ready.batches, 0, 1))
 
 
 @dataclass(frozen=True, eq=False)
@@ -170,6 +192,12 @@ class Prepared:
     ds: Any
     batches: job_lib.Batches
     model: Any
+
+    def with_base(self) -> "Prepared":
+        """This with a random base given as shapes (prepare(shapes_only=True)) made; else this."""
+        if not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(self.params)):
+            return self
+        return dataclasses.replace(self, params=init_params(self.config, self.cfg.seed))
 
     def describe(self, adapter) -> None:
         for line in job_lib.describe(self.cfg, self.params, adapter, self.ds, self.batches, self.mesh.devices.size,
@@ -196,8 +224,9 @@ class Prepared:
                    **extra)
 
 
-def prepare(cfg: RunConfig) -> Prepared:
-    """JAX, the base, the data and the batch plan for `cfg`; logs them."""
+def prepare(cfg: RunConfig, shapes_only: bool = False) -> Prepared:
+    """JAX, the base, the data and the batch plan for `cfg`; logs them. shapes_only: a random base's params are
+    left as shapes (`with_base` makes them)."""
     cfg = job_lib.resolve_names(cfg)  # MiniMind names (--from_weight full_sft) -> paths; Job.cfg keeps the paths
     # before JAX starts: the device count is fixed when its backends come up
     cpu_split = sharding.configure_cpu_devices(cfg.cpu_devices, cfg.batch_size, cfg.num_processes)
@@ -205,7 +234,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     cache_note = compile_cache.configure(cfg.compile_cache)  # before the first compile (a random base's init)
     if cache_note:
         log(cache_note)
-    config, params, base_note = job_lib.load_base(cfg)
+    config, params, base_note = job_lib.load_base(cfg, shapes_only)
     log(base_note)
     if cfg.demo:
         log(cfg.demo_note())
@@ -246,17 +275,17 @@ def restore(job: Job, state):
     return state, (epoch0, step0), resumed_at
 
 
-def _is_update(job: Job, epoch: int, s: int) -> bool:
+def _is_update(cfg: RunConfig, batches: job_lib.Batches, epoch: int, s: int) -> bool:
     """MiniMind: the optimizer steps every accumulation_steps micro-steps (s from 1) and at the end of an epoch."""
-    return s % job.cfg.accumulation_steps == 0 or s == job.batches.iters[epoch]
+    return s % cfg.accumulation_steps == 0 or s == batches.iters[epoch]
 
 
-def _precompile(job: Job, state, position) -> None:
+def _precompile(train_step, batches: job_lib.Batches, mesh: Mesh, state, params, position, lr, update: bool) -> None:
+    """Start compiling the step of the batch at `position` (epoch, step) in the background (state and params may
+    be arrays or jax.ShapeDtypeStructs with their shardings)."""
     e, s = position
-    arrays, n_chunks, cap, _ = job.batches.prepare(job.batches.loader.get_batch(e, s))
-    lr = job.lr_at(int(job.batches.offsets[e]) + s + 1)  # a sweep's is a vector: the compiled shape
-    job.train_step.start(state, job.params, sharding.put_batch(arrays, job.mesh), np.int32(n_chunks), lr, cap=cap,
-                         update=_is_update(job, e, s + 1))
+    arrays, n_chunks, cap, _ = batches.prepare(batches.loader.get_batch(e, s))
+    train_step.start(state, params, sharding.put_batch(arrays, mesh), np.int32(n_chunks), lr, cap=cap, update=update)
 
 
 def _answers(job: Job, adapter, tag: str) -> list[str]:
@@ -285,7 +314,7 @@ def train_loop(job: Job, state, positions, metrics: MetricsWriter, on_step):
             if signum:
                 _stop(job, state, signum, done, saved, last_saved)
             state, m = job.train_step(state, job.params, batch, np.int32(n_chunks), lr, cap=cap,
-                                      update=_is_update(job, epoch, s))
+                                      update=_is_update(cfg, batches, epoch, s))
             done = (epoch, s, g)
             window["tokens"] += stats["tokens"] * jax.process_count()
             bar.update(1)
