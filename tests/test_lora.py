@@ -18,6 +18,7 @@ import lora
 from minimind_jax.keys import LORA_KEY_RE, module_path, torch_to_flax
 from conftest import fixture_dir
 from minimind_jax.config import MiniMindConfig
+from minimind_jax.layers import lora_delta
 from minimind_jax.model import MiniMindForCausalLM
 
 SMALL = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2, vocab_size=97)
@@ -417,7 +418,6 @@ def loss(model, t):
 def test_lora_delta_gradients_equal_autodiffs(lead):
     """layers.lora_delta's own backward (A's gradient laid out [R, I], then transposed) gives autodiff's gradients
     of (x @ A) @ B for tokens of any leading shape, jitted and vmapped over adapters (a --sweep's members)."""
-    from minimind_jax.layers import lora_delta
     ks = jax.random.split(jax.random.key(7), 4)
     x = jax.random.normal(ks[0], lead + (7,))
     a, b = jax.random.normal(ks[1], (7, 3)), jax.random.normal(ks[2], (3, 6))
