@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from train.data import (EMPTY_THINK, IGNORE, SYSTEM_PROMPTS, DataError, SFTLoader, assistant_labels,
-                        load_sft_dataset, parse_record)
+                        load_sft_dataset, packed_row_len, parse_record)
 from minimind_jax.tokenizer import load_tokenizer
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
@@ -435,6 +435,25 @@ def test_packed_tail_rows(ds):
         assert sorted(_samples(a, ds.pad_id)) == sorted(_samples(b, ds.pad_id)) and b["input_ids"].shape[1] == 192
         short += int(((b["segment_ids"] > 0).sum(1) <= 96).sum())
     assert short > 0 and tailed.fill_ratio(0) >= plain.fill_ratio(0)
+
+
+def test_packed_rows_are_as_long_as_the_longest_sample(tok, tmp_path):
+    """SFTDataset.longest is the longest variant any epoch can draw (built token by token with `example`: the longer
+    think variant, the longest system prompt where one may be added); packed rows are that rounded up to 16, capped
+    at max_seq_len; a packed seq_len under it is refused."""
+    ds = load_sft_dataset(write_jsonl(tmp_path / "c.jsonl", make_convs()), tok, max_seq_len=1024, use_cache=False)
+    kept = max(len(ds.example(i)) for i in range(len(ds)))
+    variants = [len(ds.example(i, k, drop)) for i in range(len(ds)) for drop in (False, True)
+                for k in ([-1] + list(range(len(SYSTEM_PROMPTS))) if ds.can_add_system[i] else [-1])]
+    assert ds.longest(0.0) == kept < ds.longest(0.2) == max(variants) <= ds.max_seq_len
+    for seed in range(3):  # what the epochs draw stays within it
+        assert ds.lengths(*ds.draw_augmentations(seed, 0, 1.0, 0.5)).max() <= ds.longest(1.0)
+    assert packed_row_len(ds, 0.0) == -(-kept // 16) * 16 < ds.max_seq_len
+    short = load_sft_dataset(tmp_path / "c.jsonl", tok, max_seq_len=40, use_cache=False)
+    assert short.longest(0.2) == packed_row_len(short, 0.2) == 40  # truncated samples: rows of max_seq_len
+    assert loader(ds, packed=True, seq_len=packed_row_len(ds, 0.2), add_system_ratio=0.2).seq_len >= max(variants)
+    with pytest.raises(ValueError, match=f"longest sample \\({kept} tokens\\)"):
+        loader(ds, packed=True, seq_len=kept - 1, add_system_ratio=0.0)
 
 
 def test_batch_tokens_packs_the_epoch(ds):

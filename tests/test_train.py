@@ -506,6 +506,23 @@ def test_padded_and_packed_runs_give_the_same_losses(tiny_data, tmp_path, moe):
         np.testing.assert_allclose(ce[1], ce[0], rtol=1e-3)
 
 
+def test_packed_rows_follow_the_data_not_max_seq_len(tiny_data, tmp_path, capsys):
+    """With a max_seq_len above every sample, packed rows are as long as the longest sample (rounded up to 16), and
+    the run still gives the padded run's losses and adapter."""
+    from minimind_jax.tokenizer import load_tokenizer
+    from train.data import load_sft_dataset, packed_row_len
+
+    runs = {p: _cli(tiny_data, tmp_path / f"pack{p}", "--pack", str(p), "--max_seq_len", "256") for p in (0, 1)}
+    ds = load_sft_dataset(tiny_data / "tiny.jsonl", load_tokenizer(), max_seq_len=256, use_cache=False)
+    row = packed_row_len(ds, 0.2)  # MiniMind's add_system_ratio: this is not the bundled demo's data
+    assert row == -(-ds.longest(0.2) // 16) * 16 < 256 and ds.longest(0.2) > 64
+    printed = capsys.readouterr()
+    assert f"packed into rows of {row} tokens" in printed.out + printed.err
+    np.testing.assert_allclose(runs[1]["losses"], runs[0]["losses"], rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(runs[0]["adapter"].weights), jax.tree.leaves(runs[1]["adapter"].weights)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+
+
 def test_fresh_run_compiles_its_first_step_before_making_the_base(tiny_data, tmp_path, monkeypatch):
     """setup starts the first step's compile from shapes, then makes the random base; the step then runs the real
     arrays through that same executable (one compile) and trains as a plain run does."""

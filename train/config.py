@@ -30,6 +30,7 @@ DEMO = {"epochs": 10, "learning_rate": 4e-3, "batch_size": 16, "targets": "all-l
 REAL = {"epochs": 10, "learning_rate": 1e-4, "batch_size": 32, "targets": "square",  # MiniMind's defaults
         "add_system_ratio": 0.2, "empty_think_ratio": 0.2}
 ACCEL_CHUNK_TOKENS = 8192  # rows per forward pass on accelerators, which want large matmuls
+CPU_CHUNK_TOKENS = 256  # the most tokens of short packed rows per device and pass on a CPU (job.rows_per_device)
 _POSITIVE = ("epochs", "batch_size", "accumulation_steps", "log_interval", "save_interval", "max_seq_len", "rank")
 # --sweep KEY: (the tag in members' file names, the value's type)
 SWEEP_KEYS = {"learning_rate": ("lr", float), "seed": ("seed", int), "rank": ("rank", int)}
@@ -272,7 +273,8 @@ def build_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
       help="token-budget steps instead of --batch_size samples (TRL-style): the epoch is packed into rows of "
            "--max_seq_len and each step takes this many tokens of rows; changes the optimisation (fewer, larger steps)")
     a("--rows_per_device", type=int, default=0, help="rows each device runs at once inside a step (0 = auto: 1 on a "
-                                                     f"CPU, {ACCEL_CHUNK_TOKENS} tokens' worth on a GPU/TPU)")
+                                                     f"CPU, or up to {CPU_CHUNK_TOKENS} tokens of short packed rows; "
+                                                     f"{ACCEL_CHUNK_TOKENS} tokens' worth on a GPU/TPU)")
     a("--labels_only", type=int, choices=(0, 1), default=1, help="1: vocab projection only at labelled positions")
     a("--remat", type=int, choices=(0, 1), default=0, help="1: gradient checkpointing per layer (each layer's "
                                                           "activations recomputed in the backward pass: same "

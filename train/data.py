@@ -7,10 +7,10 @@ The pieces, each with its contract in its docstring:
   train.loader   `SFTLoader`: padded / packed / token-budget batches (their shapes), host sharding, resume
 """
 from train.dataset import CACHE_VERSION, DEFAULT_CACHE_DIR, IGNORE, SFTDataset, assistant_labels, load_sft_dataset
-from train.loader import SFTLoader
+from train.loader import SFTLoader, packed_row_len
 from train.packing import group_by_length, pack_rows
 from train.records import EMPTY_THINK, ROLES, SYSTEM_PROMPTS, DataError, parse_record
 
 __all__ = ["CACHE_VERSION", "DEFAULT_CACHE_DIR", "EMPTY_THINK", "IGNORE", "ROLES", "SYSTEM_PROMPTS", "DataError",
            "SFTDataset", "SFTLoader", "assistant_labels", "group_by_length", "load_sft_dataset", "pack_rows",
-           "parse_record"]
+           "packed_row_len", "parse_record"]

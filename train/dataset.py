@@ -124,6 +124,16 @@ class SFTDataset:
         prefix = np.array([0] + [len(p) for p in self.system_prefix_ids])[sys_choice.astype(np.int64) + 1]
         return np.minimum(self.max_seq_len, prefix + np.where(drop, self.drop_len, self.keep_len))
 
+    def longest(self, add_system_ratio: float) -> int:
+        """The most tokens any sample can have in any epoch's drawn variant (`draw_augmentations`): the longer of
+        its two think variants, plus the longest system prompt wherever one may be added (a ratio of 0 adds none),
+        truncated to max_seq_len. 0 for an empty dataset."""
+        if not len(self):
+            return 0
+        longer = np.maximum(self.keep_len, self.drop_len)
+        prefix = max(len(p) for p in self.system_prefix_ids) if add_system_ratio > 0 else 0
+        return int(np.minimum(self.max_seq_len, longer + np.where(self.can_add_system, prefix, 0)).max())
+
     def example(self, i: int, sys_choice: int = -1, drop: bool = False) -> np.ndarray:
         """[L <= max_seq_len] int32 ids of sample i in the chosen variant, unpadded."""
         off, n = (self.drop_off[i], self.drop_len[i]) if drop else (self.keep_off[i], self.keep_len[i])

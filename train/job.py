@@ -18,8 +18,8 @@ from minimind_jax.model import init_params, param_shapes
 from minimind_jax.tokenizer import load_tokenizer
 from train import step as step_lib
 from train.batch import prepare_batch
-from train.config import ACCEL_CHUNK_TOKENS, RunConfig
-from train.data import SFTLoader, load_sft_dataset
+from train.config import ACCEL_CHUNK_TOKENS, CPU_CHUNK_TOKENS, RunConfig
+from train.data import SFTLoader, load_sft_dataset, packed_row_len
 
 
 def _shape(config) -> str:
@@ -121,13 +121,17 @@ class Batches:
 def plan_batches(cfg: RunConfig, config, ds) -> Batches:
     devices = jax.local_device_count()
     host_rows = (cfg.batch_tokens // cfg.max_seq_len if cfg.batch_tokens else cfg.batch_size) // jax.process_count()
-    per_device = rows_per_device(cfg, config, max(host_rows, 1), devices)
-    # Short rows of half the length for what does not divide evenly over the devices (and batches of short samples):
-    # a second loop in the same step. Not with MoE, whose aux loss averages over MiniMind's full rows.
-    half = -(-cfg.max_seq_len // 32) * 16
-    tail = half if cfg.pack and not cfg.batch_tokens and not config.use_moe and half >= 64 else None
+    # Packed sample batches: rows as long as the data's longest sample, and short rows of half that for what does
+    # not divide evenly over the devices (and batches of short samples), a second loop in the same step. Not with
+    # MoE, whose aux loss averages over MiniMind's full rows, nor --batch_tokens, whose budget counts such rows.
+    sample_rows = cfg.pack and not cfg.batch_tokens and not config.use_moe
+    row_len = packed_row_len(ds, cfg.add_system_ratio) if sample_rows else cfg.max_seq_len
+    per_device = rows_per_device(cfg, config, max(host_rows, 1), devices, row_len, sample_rows)
+    half = -(-row_len // 32) * 16
+    tail = half if sample_rows and half >= 64 else None
     try:
         loader = SFTLoader(ds, cfg.batch_size, packed=cfg.pack, batch_tokens=cfg.batch_tokens,
+                           seq_len=row_len if cfg.pack else None,
                            group_by_length=cfg.group_by_length, seed=cfg.seed, add_system_ratio=cfg.add_system_ratio,
                            empty_think_ratio=cfg.empty_think_ratio, num_epochs=cfg.epochs, tail_len=tail,
                            row_multiple=devices * per_device)
@@ -143,15 +147,24 @@ def plan_batches(cfg: RunConfig, config, ds) -> Batches:
     return Batches(loader, iters, np.concatenate([[0], np.cumsum(iters)]).astype(int), per_device, prepare)
 
 
-def rows_per_device(cfg: RunConfig, config, host_rows: int, devices: int) -> int:
-    """Rows each device runs per forward pass inside a step (train.step: the step loops over chunks of these)."""
+def rows_per_device(cfg: RunConfig, config, host_rows: int, devices: int, row_len: int,
+                    sample_rows: bool = False) -> int:
+    """Rows each device runs per forward pass inside a step (train.step: the step loops over chunks of these).
+
+    On a CPU one row of max_seq_len (more would leave padding rows in a step's last chunk, for no gain); packed
+    sample rows shorter than that (short-sample data) come a power of two at a time, up to CPU_CHUNK_TOKENS tokens,
+    since a chunk of one short row makes small matmuls. Powers of two split a step's rows into whole chunks more
+    often than other counts do (3 rows of 96 left a third of the demo's chunks empty)."""
     if config.use_moe and not cfg.pack:  # one chunk: MiniMind's aux loss over the whole padded batch
         return -(-host_rows // devices)
     if cfg.rows_per_device > 0:
         return cfg.rows_per_device
-    if jax.default_backend() == "cpu":  # one row keeps the last chunk's padding rows few; bigger gains nothing here
-        return 1
-    return max(1, min(ACCEL_CHUNK_TOKENS // cfg.max_seq_len, -(-host_rows // devices)))
+    if jax.default_backend() == "cpu":
+        k = 1
+        while sample_rows and 2 * k * row_len <= CPU_CHUNK_TOKENS:
+            k *= 2
+        return k
+    return max(1, min(ACCEL_CHUNK_TOKENS // row_len, -(-host_rows // devices)))
 
 
 def describe(cfg: RunConfig, params, adapter, ds, batches: Batches, devices: int, dtype: str) -> list[str]:

@@ -48,13 +48,22 @@ class _EpochPlan:
     rows: Optional[list] = None  # token-budget mode: sample indices per global row, packed over the epoch
 
 
+def packed_row_len(dataset: SFTDataset, add_system_ratio: float) -> int:
+    """The row length of packed sample batches: the dataset's longest sample (`SFTDataset.longest`) rounded up to a
+    multiple of 16, at most max_seq_len. A row costs attention in proportion to its length, so short-sample data
+    (MiniMind's LoRA sets, the bundled demo) packs into short rows instead of rows of max_seq_len; data with a
+    sample of max_seq_len keeps rows of max_seq_len."""
+    return min(dataset.max_seq_len, max(16, -(-dataset.longest(add_system_ratio) // 16) * 16))
+
+
 class SFTLoader:
     """Deterministic, resumable, host-sharded batches over an `SFTDataset` (contract: module docstring).
 
     batch_size: samples per global step, MiniMind's meaning in every mode; padded (packed=False) gives each its own
-      row, packed=True packs exactly those samples into as few rows of seq_len as it can (best fit decreasing), so
-      a step's loss and gradients are the padded step's. group_by_length: HF Trainer's batches of similar lengths
-      (less packing waste, same number of samples per step, different batches).
+      row, packed=True packs exactly those samples into as few rows of seq_len (at least the longest sample; see
+      packed_row_len) as it can (best fit decreasing), so a step's loss and gradients are the padded step's.
+      group_by_length: HF Trainer's batches of similar lengths (less packing waste, same number of samples per
+      step, different batches).
     batch_tokens: the token-budget mode instead (TRL-style, changes the optimisation): the whole epoch is packed
       into rows of seq_len and each step takes batch_tokens // seq_len rows, however many samples they hold.
     tail_len / row_multiple (packed sample batches): rows of seq_len, and the lightest of them repacked into rows
@@ -74,9 +83,9 @@ class SFTLoader:
             process_index, process_count = jax.process_index(), jax.process_count()
         packed = packed or batch_tokens is not None
         self.seq_len = dataset.max_seq_len if seq_len is None else seq_len
-        if packed and self.seq_len < dataset.max_seq_len:
-            raise ValueError(f"packed seq_len {self.seq_len} must be >= the dataset's max_seq_len "
-                             f"{dataset.max_seq_len}")
+        if packed and self.seq_len < dataset.longest(add_system_ratio):
+            raise ValueError(f"packed seq_len {self.seq_len} is shorter than the dataset's longest sample "
+                             f"({dataset.longest(add_system_ratio)} tokens)")
         if not packed and self.seq_len != dataset.max_seq_len:
             raise ValueError("padded mode uses the dataset's max_seq_len; set seq_len only with packed=True")
         if batch_tokens is not None:
