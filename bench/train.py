@@ -197,9 +197,28 @@ def main(argv=None):
                 rnd["torch_epoch"] = torch_epoch(args, work, tag)
         rounds.append(rnd)
         report(rnd)
-    summary = {"rounds": rounds, "config": {k: str(v) for k, v in vars(args).items()}, "work": str(work)}
+    summary = {"rounds": rounds, "config": {k: str(v) for k, v in vars(args).items()}, "cpu": host_cpu(),
+               "work": str(work)}
+    print(f"host: {summary['cpu']}")
     print("RESULT " + json.dumps(summary))
     return summary
+
+
+def host_cpu() -> str:
+    """The CPU the sitting ran on (model, cores, vector units): the ratio depends on it, since PyTorch's MKL and
+    XLA's YNNPACK do not gain alike from AVX-512 and AMX."""
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown CPU":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    units = [u for u in ("avx2", "avx512f", "amx_tile") if u in flags]
+    return f"{model}, {os.cpu_count()} cores" + (f", {' '.join(units)}" if units else "")
 
 
 def report(rnd: dict) -> None:
