@@ -83,9 +83,10 @@ class SFTLoader:
             process_index, process_count = jax.process_index(), jax.process_count()
         packed = packed or batch_tokens is not None
         self.seq_len = dataset.max_seq_len if seq_len is None else seq_len
-        if packed and self.seq_len < dataset.longest(add_system_ratio):
+        longest = dataset.longest(add_system_ratio) if packed else 0
+        if self.seq_len < longest:
             raise ValueError(f"packed seq_len {self.seq_len} is shorter than the dataset's longest sample "
-                             f"({dataset.longest(add_system_ratio)} tokens)")
+                             f"({longest} tokens)")
         if not packed and self.seq_len != dataset.max_seq_len:
             raise ValueError("padded mode uses the dataset's max_seq_len; set seq_len only with packed=True")
         if batch_tokens is not None:
