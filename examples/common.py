@@ -6,7 +6,7 @@ base + adapter on a dataset, greedy answers, and the flags every example takes.
     lab.loss(lora.combine([a, b], [1, 1]), "capitals")           # mean cross-entropy over its answer tokens
 
 Adapters are trained with `train.run.run` (what `python -m train.lora` runs) on the random-init MiniMind2-small base
-of `--seed`, with the bundled demo's settings (every projection adapted, lr 4e-3, 16 samples a step, conversations
+of `--seed`, with a demo-like recipe (every projection adapted, lr 4e-3, 16 samples a step, 10 epochs, conversations
 rendered as the generation prompt), so both adapters share one base and one recipe. The trained adapter is saved in
 `--out` under a name that spells its settings; a later example with the same settings loads it instead of training.
 """
