@@ -25,7 +25,7 @@ PROMPTS = ("你是谁？", "Who are you?")
 # A random base has no language to build on, so the demo adapts every projection (MiniMind's square-kernel rule
 # leaves too little capacity to learn answers from scratch in minutes) and renders conversations exactly like the
 # generation prompt (no random system prompt, empty think block kept). 8 samples a step give twice the updates per
-# epoch of 16: 6 epochs at 3e-3 learn the answers that 16 samples needed 10 epochs at 4e-3 for, at ~30% less time
+# epoch of 16: 6 epochs at 3e-3 learn the answers that 16 samples needed 10 epochs at 4e-3 for, in less time
 # (at 6 epochs 2e-3 and 4e-3 answer less cleanly, 5 epochs are too few; 16 samples for 6 epochs do not learn them).
 DEMO = {"epochs": 6, "learning_rate": 3e-3, "batch_size": 8, "targets": "all-linear",
         "add_system_ratio": 0.0, "empty_think_ratio": 1.0}
