@@ -77,7 +77,7 @@ def _attend(q, kb, vb, mask: AttentionMask, dtype, dropout=None):
     kv heads are shared by their G query heads without being repeated in memory. q is scaled by 1/sqrt(H) before
     the matmul (T*H products instead of T*S; exact for MiniMind's H = 64, a power of 4). The softmax is left
     unnormalised until after the value matmul (exp(s - max) @ v, then / sum): the same result up to rounding,
-    with one pass less over the [T, S] scores and a simpler backward (fwd+bwd ~20-25% faster at T=340 on CPU).
+    with one pass less over the [T, S] scores and a simpler backward (faster on XLA:CPU: docs/benchmarks.md).
     """
     b, t, kh, g, h = q.shape
     s = kb.shape[-1]

@@ -26,7 +26,7 @@ def lora_delta(x, a, b):  # x [..., I], a [I, R], b [R, O] -> [..., O]
     several times slower on XLA:CPU than the same product laid out [R, I]; the optimization barrier keeps XLA from
     folding the transpose back into the product. The same values, up to the order of the sums.
     Being a custom_vjp, it has no forward-mode derivative (jax.jvp, jax.hessian through an adapted Linear raise);
-    a custom_jvp written with the same layout and barrier measured as slow as autodiff's form."""
+    a custom_jvp written with the same layout and barrier was no faster than autodiff's form."""
     return (x @ a) @ b
 
 
@@ -130,7 +130,7 @@ def apply_rope(x, cos, sin):  # x [B, T, N, H], cos/sin [B, T, H] (both halves e
     """rotate_half convention (first half / second half), not interleaved pairs.
 
     Written per half ([x1 c - x2 s, x2 c + x1 s]; bit-identical to x*cos + rotate_half(x)*sin) because
-    XLA:CPU fuses this form into one pass; the rotate_half concat cost ~6% of a packed LoRA train step.
+    XLA:CPU fuses this form into one pass, where the rotate_half concat costs a pass of its own over q and k.
     """
     half = x.shape[-1] // 2
     c, s = cos[:, :, None, :half], sin[:, :, None, :half]

@@ -174,7 +174,7 @@ def test_two_processes_train_like_one_with_two_devices(tiny, one_process):
     assert "saved adapter" in outs[0] and "saved adapter" not in outs[1]
 
 
-@pytest.mark.slow  # 51 s on 2 idle cores (both runs: six JAX processes compiling), 86 s on a busy machine
+@pytest.mark.slow  # both runs together start and compile six JAX processes
 def test_four_processes_train_like_one_with_four_devices(tiny):
     """Four processes of one CPU device each against one process with four: same per-step losses and adapter
     (rtol 1e-5), and only process 0 writes."""

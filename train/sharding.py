@@ -54,10 +54,9 @@ def configure_cpu_devices(requested: int, global_rows: int, num_processes: Optio
     """Split the host CPU into several XLA devices (data parallel over its cores); call before JAX starts.
     global_rows: the global batch (samples); each process's share (num_processes or JAX_NUM_PROCESSES) counts.
 
-    Why (measured, not derived): on 2 cores one XLA:CPU device leaves part of the cores idle during a LoRA step;
-    with one device per core, each running its share of the rows, a MiniMind2-small B4xT256 step is ~7% faster
-    (in-process A/B, 8 pairs) and a packed B8xT340 epoch ~2% (within this machine's noise). Only the CPU backend is
-    affected: on a GPU the mesh uses the GPUs. Returns the count set, or None when left alone (XLA_FLAGS /
+    Why (measured, not derived: docs/benchmarks.md): one XLA:CPU device leaves part of the cores idle during a
+    LoRA step, while one device per core, each running its share of the rows, keeps them all busy. Only the CPU
+    backend is affected: on a GPU the mesh uses the GPUs. Returns the count set, or None when left alone (XLA_FLAGS /
     JAX_NUM_CPU_DEVICES already choose it, one device was asked for, or JAX's backends are already running:
     e.g. a second main() call).
     """
