@@ -22,6 +22,23 @@ step as `train.lora` runs it (CPU split into devices, chunks of rows); tokens/s 
 model FLOPs and MFU (bench/train_step.py: against the device's tensor-core peak where known, `--peak_tflops`
 otherwise). With the torch paths, ../shared/bench/torch_minimind_bench.py times PyTorch MiniMind's step on the same
 shape in the same round. `--dtype` and `--remat` apply to both modes (fp32 and no remat by default).
+
+Utilisation (mode 1): the step's model FLOP/s over the machine's measured matmul peak, so that a CPU figure says how
+much of the cores' FMA throughput the step turns into model work (MFU needs a datasheet peak, which a CPU lacks).
+The peak is measured in each round by a fresh process split into the same devices as the step (`matmul_peak`):
+one jitted `--dtype` matmul of `--peak_size` squared operands per device, all devices at once, timed after two
+warm-up calls; the peak is the fastest of 10 calls (this machine is shared: the least disturbed one), the median is
+recorded beside it. Model FLOPs per step are bench/train_step.py's `lora_step_flops` (2 FLOPs per multiply-add):
+
+    forward  = 2 T P_frozen + 2 T P_lora + 2 L_lab d V + 4 A        A = layers x heads x head_dim x causal pairs
+    backward = 2 T P_frozen + 4 T P_lora + 2 L_lab d V + 8 A        (T positions, L_lab labelled ones)
+
+P_frozen: the multiply-adds per token of the frozen projections (q, k, v, o, gate, up, down of every layer), P_lora
+the adapters' parameters (r (in + out) per adapted matrix), d x V the vocabulary projection, run at the labelled
+positions only. The backward pass forms activation gradients through every matmul (as many FLOPs as its forward)
+and weight gradients for the adapters alone (frozen weights get none), so a LoRA step is ~4 T P_frozen rather than
+full fine-tuning's 6 T P; attention's backward is twice its forward (dQ and dK from the scores, dP and dV from PV).
+Recomputation (--remat) is not model work and is not counted. Embedding lookups are gathers: no FLOPs.
 Prints a final `RESULT {json}` line.
 """
 from __future__ import annotations
@@ -135,6 +152,49 @@ def ours_step(args, work: Path, tag: str) -> dict:
     return result_line(log)
 
 
+def peak(args, devices: int, work: Path, tag: str) -> dict:
+    """The measured matmul peak on `devices` devices, in a fresh process (the CPU split is fixed when JAX starts)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--peak_only", "--peak_devices", str(devices),
+           "--peak_size", str(args.peak_size), "--dtype", args.dtype]
+    log = work / f"peak_{tag}.log"
+    _, _, rc = run(cmd, log, {**os.environ, "PYTHONPATH": str(ROOT)})
+    if rc:
+        raise SystemExit(f"the matmul peak failed ({rc}):\n{log.read_text()[-3000:]}")
+    return result_line(log)
+
+
+def matmul_peak(devices: int, size: int, dtype: str, calls: int = 10) -> dict:
+    """Every device multiplies its own [size, size] x [size, size] operands at once (one jitted, sharded einsum), the
+    FLOP/s of the fastest of `calls` timed calls after two warm-up calls: what the run's devices can do at most on a
+    matmul, the step's main work. On a CPU `devices` XLA devices split the cores as train.lora does."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    if devices > 1:
+        jax.config.update("jax_num_cpu_devices", devices)  # before the backend starts; GPUs are left as they are
+    devs = jax.devices()[:devices]
+    size = size or (2048 if jax.default_backend() == "cpu" else 8192)
+    mesh = Mesh(np.asarray(devs), ("data",))
+    rng = np.random.default_rng(0)
+    x = jax.device_put(rng.standard_normal((len(devs), size, size), np.float32).astype(dtype),
+                       NamedSharding(mesh, P("data")))
+    w = jax.device_put(rng.standard_normal((size, size), np.float32).astype(dtype), NamedSharding(mesh, P()))
+    f = jax.jit(lambda x, w: jnp.einsum("dmk,kn->dmn", x, w))
+    for _ in range(2):
+        jax.block_until_ready(f(x, w))
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(x, w))
+        times.append(time.perf_counter() - t0)
+    flops = 2 * len(devs) * size ** 3
+    return {"devices": len(devs), "backend": jax.default_backend(), "device_kind": devs[0].device_kind,
+            "size": size, "dtype": dtype, "peak_flops_per_s": flops / min(times),
+            "median_flops_per_s": flops / statistics.median(times), "calls_s": [round(t, 4) for t in times]}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modes", default="1,2", help="1 (equal work), 2 (real epoch) or 1,2")
@@ -158,14 +218,23 @@ def main(argv=None):
     p.add_argument("--rows_per_device", type=int, default=0, help="mode 1 rows per device per chunk (0: as "
                                                                    "train.lora)")
     p.add_argument("--peak_tflops", type=float, default=None, help="mode 1 MFU peak (default: known GPUs)")
+    p.add_argument("--peak_size", type=int, default=0, help="operand size of the measured matmul peak (0: 2048 on "
+                                                            "a CPU, 8192 on a GPU; 512 with --smoke)")
+    p.add_argument("--peak_only", action="store_true", help=argparse.SUPPRESS)  # the peak's own process
+    p.add_argument("--peak_devices", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--torch_python", default=None, help="python of a venv with torch, transformers, datasets")
     p.add_argument("--torch_data_tree", default=None, help="MiniMind HEAD tree (dataset/lm_dataset.py)")
     p.add_argument("--torch_model_tree", default=None, help="MiniMind c090b69 tree (model/)")
     p.add_argument("--work", type=Path, default=None, help="directory for logs and outputs (default: a temp dir)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes for a quick check")
     args = p.parse_args(argv)
+    if args.peak_only:
+        out = matmul_peak(args.peak_devices, args.peak_size, args.dtype)
+        print("RESULT " + json.dumps(out))
+        return out
     if args.smoke:
         args.hidden_size, args.num_hidden_layers, args.batch, args.seq, args.steps = 32, 1, 2, 32, 2
+        args.peak_size = args.peak_size or 512
         args.data, args.tokenizer, args.max_seq_len, args.batch_size = (
             ROOT / "train" / "assets" / "lora_identity.jsonl", ROOT / "minimind_jax" / "assets" / "tokenizer", 128, 64)
     modes = {int(m) for m in args.modes.split(",") if m}
@@ -185,6 +254,9 @@ def main(argv=None):
             if torch_first:
                 rnd["torch_step"] = torch_step(args, work, tag)
             rnd["ours_step"] = ours_step(args, work, tag)
+            rnd["peak"] = peak(args, rnd["ours_step"]["devices"], work, tag)
+            rnd["ours_step"]["utilisation"] = (rnd["ours_step"]["model_tflops_per_s"] * 1e12
+                                               / rnd["peak"]["peak_flops_per_s"])
             if with_torch and not torch_first:
                 rnd["torch_step"] = torch_step(args, work, tag)
         if 2 in modes:
@@ -226,11 +298,16 @@ def report(rnd: dict) -> None:
     if "ours_step" in rnd:
         o = rnd["ours_step"]
         line = (f"(1) equal work B{o['batch']}xT{o['seq']} {o['dtype']}: ours {o['tokens_per_s']:.0f} tokens/s, "
-                f"{o['model_tflops_per_s']:.2f} model TFLOP/s" + (f" (MFU {o['mfu']:.1%})" if o["mfu"] else ""))
+                f"{o['model_tflops_per_s']:.3f} model TFLOP/s" + (f" (MFU {o['mfu']:.1%})" if o["mfu"] else "")
+                + f" = {o['utilisation']:.0%} of the measured peak")
         if "torch_step" in rnd:
             t = rnd["torch_step"]
             line += f", PyTorch MiniMind {t['tokens_per_s']:.0f} tokens/s: {o['tokens_per_s'] / t['tokens_per_s']:.2f}x"
         print(line)
+        k = rnd["peak"]
+        print(f"    measured peak {k['peak_flops_per_s'] / 1e12:.3f} TFLOP/s on {k['devices']} {k['backend']} "
+              f"device(s) ({k['size']}^3 {k['dtype']} matmul per device, fastest of {len(k['calls_s'])} calls; "
+              f"median {k['median_flops_per_s'] / 1e12:.3f})")
     t = rnd.get("torch_epoch")
     if t:
         print(f"(2) PyTorch MiniMind: epoch {t['epoch_wall_s']:.1f} s (process {t['wall_s']:.1f} s), {t['updates']} "
