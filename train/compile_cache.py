@@ -20,6 +20,7 @@ from typing import Optional
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
+from train.config import ConfigError
 from train.dataset import DEFAULT_CACHE_DIR
 
 _lock = threading.Lock()
@@ -59,7 +60,7 @@ def configure(choice: str) -> Optional[str]:
     if problem and choice == "auto":  # a cache is a convenience: the run goes on without it
         note, target = f"compile cache off: {default_dir()} {problem} (--compile_cache DIR picks another)", None
     elif problem:
-        raise SystemExit(f"error: --compile_cache {target}: {problem}")
+        raise ConfigError(f"--compile_cache {target}: {problem}")
     new = None if target is None else str(target)
     if new != current:
         jax.config.update("jax_compilation_cache_dir", new)

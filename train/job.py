@@ -13,17 +13,11 @@ import numpy as np
 
 import convert
 import lora
-from minimind_jax import MiniMindConfig
-from minimind_jax.model import init_params, param_shapes
 from minimind_jax.tokenizer import load_tokenizer
 from train import step as step_lib
 from train.batch import prepare_batch
-from train.config import ACCEL_CHUNK_TOKENS, CPU_CHUNK_TOKENS, RunConfig
+from train.config import ACCEL_CHUNK_TOKENS, CPU_CHUNK_TOKENS, ConfigError, RunConfig
 from train.data import SFTLoader, load_sft_dataset, packed_row_len
-
-
-def _shape(config) -> str:
-    return f"{config.hidden_size}x{config.num_hidden_layers}{', MoE' if config.use_moe else ''}"
 
 
 def resolve_names(cfg: RunConfig) -> RunConfig:
@@ -48,17 +42,17 @@ def resolve_names(cfg: RunConfig) -> RunConfig:
 
 
 def load_base(cfg: RunConfig, shapes_only: bool = False):
-    """-> (config, params, note): --from_weight's model (a path: `resolve_names` first for MiniMind names), or a
-    random MiniMind2-small-shaped one (seed --seed). shapes_only: a random base's params as jax.ShapeDtypeStruct
-    leaves, made later (train.run.Prepared.with_base), so that the train step can compile meanwhile."""
-    if not cfg.random_base:
-        config, params = convert.load_model(cfg.from_weight)
-        return config, params, f"base weights: {cfg.from_weight} ({config.family}, {_shape(config)})"
-    config = MiniMindConfig.minimind2_small(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
-                                            use_moe=cfg.use_moe)
-    params = param_shapes(config) if shapes_only else init_params(config, cfg.seed)
-    return config, params, (f"no --from_weight: random-init base (MiniMind2-small-shaped, {_shape(config)}, "
-                            f"seed {cfg.seed}); answers before training are gibberish")
+    """-> (config, params, note): convert.load_base of --from_weight (a path: `resolve_names` first for MiniMind
+    names), or of a random MiniMind2-small-shaped base (seed --seed). shapes_only: a random base's params as
+    jax.ShapeDtypeStruct leaves, made later (train.run.Prepared.with_base), so that the train step can compile
+    meanwhile."""
+    weight = None if cfg.random_base else cfg.from_weight
+    config, params, note = convert.load_base(weight, hidden_size=cfg.hidden_size,
+                                             num_hidden_layers=cfg.num_hidden_layers, use_moe=cfg.use_moe,
+                                             seed=cfg.seed, shapes_only=shapes_only)
+    if weight is None:
+        note = f"no --from_weight: {note}; answers before training are gibberish"
+    return config, params, note
 
 
 def make_adapter(cfg: RunConfig, params):
@@ -68,7 +62,7 @@ def make_adapter(cfg: RunConfig, params):
         try:
             lora.merge(params, adapter)  # shape check against the base (cheap for the sizes involved)
         except (KeyError, ValueError) as e:
-            raise SystemExit(f"--from_lora {cfg.from_lora} does not fit the base model: {e}")
+            raise ConfigError(f"--from_lora {cfg.from_lora} does not fit the base model: {e}") from None
         ranks = sorted(set(adapter.ranks.values()))
         return adapter, f"adapter from --from_lora {cfg.from_lora} (ranks {ranks}, targets {adapter.targets})"
     adapter = lora.init(params, jax.random.PRNGKey(cfg.seed + 1), rank=cfg.rank, targets=cfg.targets, alpha=cfg.alpha)
@@ -86,7 +80,7 @@ def load_data(cfg: RunConfig, config):
     """-> (tokenizer, tokenized dataset); train.data's DataError names a bad file:line."""
     tokenizer = load_tokenizer(cfg.tokenizer)
     if tokenizer.vocab_size > config.vocab_size:
-        raise SystemExit(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's vocab_size "
+        raise ConfigError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's vocab_size "
                          f"is {config.vocab_size}")
     ds = load_sft_dataset(cfg.data_paths, tokenizer, max_seq_len=cfg.max_seq_len, cache_dir=cfg.cache_dir,
                           skip_bad_lines=cfg.skip_bad_lines)
@@ -102,6 +96,7 @@ class Batches:
     offsets: np.ndarray  # [epochs + 1] global micro-step before each epoch
     rows_per_device: int
     prepare: Callable
+    accumulation_steps: int
 
     @property
     def total(self) -> int:
@@ -111,6 +106,10 @@ class Batches:
         """(epoch, step) of every micro-step from (epoch0, step0) on, both 0-based."""
         return [(e, s) for e in range(epoch0, len(self.iters))
                 for s in range(step0 if e == epoch0 else 0, self.iters[e])]
+
+    def is_update(self, epoch: int, s: int) -> bool:
+        """MiniMind: the optimizer steps every accumulation_steps micro-steps (s from 1) and at an epoch's end."""
+        return s % self.accumulation_steps == 0 or s == self.iters[epoch]
 
     def where(self, g: int) -> str:
         """Global micro-step g (1-based) as MiniMind's 'step s/n of epoch e/E'."""
@@ -136,7 +135,7 @@ def plan_batches(cfg: RunConfig, config, ds) -> Batches:
                            empty_think_ratio=cfg.empty_think_ratio, num_epochs=cfg.epochs, tail_len=tail,
                            row_multiple=devices * per_device)
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise ConfigError(str(e)) from None
     iters = tuple(loader.steps_in_epoch(e) for e in range(cfg.epochs))
     # Padded rows are cut after the batch's last label (packed rows are sized by the packer); not with MoE, whose
     # aux loss averages over every position of MiniMind's full length.
@@ -144,7 +143,8 @@ def plan_batches(cfg: RunConfig, config, ds) -> Batches:
     labels_only = cfg.labels_only and not step_lib.blocked_vocabulary(config, cfg.labels_only)  # the step's own way
     prepare = lambda b: prepare_batch(b, devices=devices, rows_per_device=per_device, max_rows=loader.max_rows,
                                       trim=trim, labels_only=labels_only, pad_id=ds.pad_id, tail=loader.tail_len)
-    return Batches(loader, iters, np.concatenate([[0], np.cumsum(iters)]).astype(int), per_device, prepare)
+    return Batches(loader, iters, np.concatenate([[0], np.cumsum(iters)]).astype(int), per_device, prepare,
+                   cfg.accumulation_steps)
 
 
 def rows_per_device(cfg: RunConfig, config, host_rows: int, devices: int, row_len: int,

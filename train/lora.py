@@ -26,9 +26,10 @@ writes the adapter and the metrics. --from_resume 1 may continue on another numb
 On a CPU, the cores are split into several XLA devices by default (`--cpu_devices 0`: one per core, at most 8, a
 divisor of the batch), which makes steps faster; `--cpu_devices 1` keeps one device.
 
-Several adapters in one run (train/sweep.py): `--sweep learning_rate=1e-4,3e-4,1e-3` (also seed=..., rank=...;
+Several adapters in one run (train/members.py): `--sweep learning_rate=1e-4,3e-4,1e-3` (also seed=..., rank=...;
 several --sweep flags make the product) trains one adapter per value in one compiled step over the shared base and
-batches, each equal to its solo run, and ends with a table of their final and best losses.
+batches, each equal to its solo run, and ends with a table of their final and best losses. A plain run is the same
+loop with one member.
 """
 from __future__ import annotations
 
@@ -43,12 +44,13 @@ import jax
 
 import convert
 from train import config as config_lib
-from train.config import RunConfig
+from train.config import ConfigError, RunConfig
 from train.data import DataError
 from train.interrupt import Interrupted
+from train.loop import DiskFull, TrainingDiverged
 from train.resume import ResumeError, disk_full
-from train.run import DiskFull, TrainingDiverged, run
-from train.sweep import run_sweep
+from train.summary import RunSummary
+from train.trainer import run
 
 
 def build_parser():
@@ -86,19 +88,22 @@ def _exit_now(line: str) -> None:
     os._exit(1)
 
 
-def main(argv: Optional[list] = None) -> dict:
-    cfg = RunConfig.from_argv(argv, description=__doc__)
+def main(argv: Optional[list] = None) -> RunSummary:
+    try:
+        cfg = RunConfig.from_argv(argv, description=__doc__)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     absl = logging.getLogger("absl")
     if not any(isinstance(f, _DiskFullLogs) for f in absl.filters):  # once, however often main() is called
         absl.addFilter(_DiskFullLogs())
         sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
     try:
-        return run_sweep(cfg) if cfg.sweep else run(cfg)
+        return run(cfg)
     except DiskFull as e:  # the failed save left the last complete checkpoint as it was; the message says which
         _exit_now(f"error: {e}")
     # What a user can fix (a bad data line or file, unreadable weights, a run that diverged): one line, no traceback.
-    except (DataError, ResumeError, convert.CheckpointError, FileNotFoundError, TrainingDiverged) as e:
+    except (ConfigError, DataError, ResumeError, convert.CheckpointError, FileNotFoundError, TrainingDiverged) as e:
         raise SystemExit(f"error: {e}") from None
     except Interrupted as e:  # SIGTERM / Ctrl-C in the loop: the last step is saved
         print(f"interrupted: {e}", file=sys.stderr)

@@ -177,17 +177,33 @@ def loss_fn(adapter, params, batch: dict, *, model, cap: Optional[int], rng=None
 # ------------------------------------------------------------------------------------------- step
 
 
-def make_train_step(model, tx, *, accumulation_steps: int = 1, grad_clip: float = 1.0, state_sharding=None,
-                    labels_only: bool = True):
-    """-> step(state, params, chunks, n_chunks, lr, *, cap, update) -> (state, metrics); jitted, `state` donated.
-    The step itself is `step_body`'s (train.sweep vmaps that over several adapters); a `state_sharding` on a mesh
-    gives it that mesh (each device loops over its own rows)."""
-    jit_kw = {}
-    if state_sharding is not None:
-        jit_kw["out_shardings"] = (state_sharding, state_sharding)
-    step = step_body(model, tx, accumulation_steps=accumulation_steps, grad_clip=grad_clip,
+def make_train_step(model, tx, *, gain=None, accumulation_steps: int = 1, grad_clip: float = 1.0,
+                    state_sharding=None, labels_only: bool = True):
+    """-> step(states, params, chunks, n_chunks, lrs, *, cap, update) -> (states, metrics); jitted, `states` donated.
+
+    `states`: the members' train states stacked on a leading axis [N, ...] (a plain run is a sweep of N = 1), `lrs`
+    [N] their learning rates; the metrics come back [N] each. The base params and the batch are shared, so every
+    member sees the same rows; each keeps its own optimizer, clipping and NaN freeze: `step_body` vmapped over the
+    member axis. With one member and no gain the axis is squeezed instead, so a plain run compiles exactly
+    `step_body`'s program. `gain` (stacked [N, r]): see apply_gain. A `state_sharding` on a mesh gives the step that
+    mesh (each device loops over its own rows)."""
+    body = step_body(model, tx, accumulation_steps=accumulation_steps, grad_clip=grad_clip,
                      mesh=getattr(state_sharding, "mesh", None), labels_only=labels_only)
+
+    def step(states, params, chunks, n_chunks, lrs, *, cap, update):
+        one = lambda state, lr, g: body(state, params, chunks, n_chunks, lr, cap=cap, update=update, gain=g)
+        if gain is None and jax.tree.leaves(states)[0].shape[0] == 1:
+            out = one(jax.tree.map(lambda x: x[0], states), lrs[0], None)
+            return jax.tree.map(lambda x: x[None], out)
+        return jax.vmap(one)(states, lrs, gain)
+
+    jit_kw = {} if state_sharding is None else {"out_shardings": (state_sharding, state_sharding)}
     return jax.jit(step, static_argnames=("cap", "update"), donate_argnums=(0,), **jit_kw)
+
+
+def stack_states(states: list) -> TrainState:
+    """Train states -> one with a leading member axis [N, ...], what the step takes."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
 
 def apply_gain(adapter: lora_lib.Adapter, gain) -> lora_lib.Adapter:

@@ -1,0 +1,105 @@
+"""What a run returns: one typed record per member (a plain run is a sweep of one) and the run's own figures."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class MemberSummary:
+    """One adapter of the run: its settings, curves, files and answers."""
+    tag: str  # the swept values as typed (lr3e-4_seed2); "" for a plain run
+    name: str  # its files' stem: <lora_name> or <lora_name>_<tag>
+    settings: dict  # the swept keys' values ({} for a plain run)
+    history: list  # the log steps' metrics records
+    adapter: Any  # the trained lora.Adapter (its last good state if it diverged)
+    adapter_path: Optional[str]  # None when it diverged before its first save
+    metrics_path: str
+    answers_after: list = field(default_factory=list)
+    diverged_at: Optional[int] = None  # the first global step with a non-finite loss
+
+    @property
+    def losses(self) -> list:
+        return [r["loss"] for r in self.history]
+
+    @property
+    def final_loss(self) -> Optional[float]:
+        return self.history[-1]["loss"] if self.history else None
+
+    @property
+    def best(self) -> Optional[dict]:
+        """The log step with the lowest training loss."""
+        return min(self.history, key=lambda r: r["loss"]) if self.history else None
+
+    def row(self, time_s: float) -> dict:
+        """The member's row of the sweep table (and its JSON)."""
+        best = self.best
+        return {"member": self.tag, "settings": self.settings, "final_loss": self.final_loss,
+                "best_loss": best["loss"] if best else None, "best_step": best["step"] if best else None,
+                "diverged_at": self.diverged_at, "time_s": round(time_s, 1), "adapter": self.adapter_path,
+                "metrics": self.metrics_path}
+
+
+@dataclass
+class RunSummary:
+    """What `train.run` returns. A plain run has one member; its fields are also reachable directly
+    (`summary.losses`, `summary.adapter`, ...)."""
+    members: list  # [MemberSummary], in --sweep's order
+    steps: int  # micro-steps run (this process's run, after a resume)
+    updates: int  # optimizer steps taken in all
+    compile_s: float
+    time_s: float
+    answers_before: list
+    sweep: Optional[str] = None  # --sweep as given
+    summary_path: Optional[str] = None  # the sweep table's JSON
+
+    def _only(self) -> MemberSummary:
+        if len(self.members) != 1:
+            raise AttributeError(f"this run trained {len(self.members)} adapters: read summary.members[i]")
+        return self.members[0]
+
+    @property
+    def losses(self) -> list:
+        return self._only().losses
+
+    @property
+    def history(self) -> list:
+        return self._only().history
+
+    @property
+    def adapter(self):
+        return self._only().adapter
+
+    @property
+    def adapter_path(self) -> Optional[str]:
+        return self._only().adapter_path
+
+    @property
+    def metrics_path(self) -> str:
+        return self._only().metrics_path
+
+    @property
+    def answers_after(self) -> list:
+        return self._only().answers_after
+
+    def member(self, tag: str) -> MemberSummary:
+        return next(m for m in self.members if m.tag == tag)
+
+    def table(self) -> dict:
+        """The sweep table: the run's figures and one row per member."""
+        return {"sweep": self.sweep, "steps": self.steps, "time_s": round(self.time_s, 1),
+                "compile_s": round(self.compile_s, 2), "members": [m.row(self.time_s) for m in self.members]}
+
+
+def summary_lines(table: dict) -> list[str]:
+    """A sweep's table as printed: member, final loss, best loss (its step), what happened."""
+    fmt = lambda x: "-" if x is None else f"{x:.4f}"
+    width = max(len("member"), *(len(r["member"]) for r in table["members"]))
+    lines = [f"{'member':<{width}}  final loss  best loss (step)  status"]
+    for r in table["members"]:
+        status = "ok" if r["diverged_at"] is None else f"diverged at step {r['diverged_at']}"
+        best = f"{fmt(r['best_loss'])} ({r['best_step']})" if r["best_step"] is not None else "-"
+        lines.append(f"{r['member']:<{width}}  {fmt(r['final_loss']):>10}  {best:>16}  {status}")
+    lines.append(f"{len(table['members'])} adapters trained together in {table['time_s']:.0f} s ({table['steps']} "
+                 f"steps, one compiled step: {table['compile_s']:.1f} s to compile)")
+    return lines
