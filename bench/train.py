@@ -14,7 +14,7 @@ last quarter of the epoch, real tokens/s and peak RSS. Variants (`--variants`): 
 16 samples packed into rows), `padded` (`--pack 0`, MiniMind's one sample per row), `grouped`
 (`--group_by_length 1`), `tokens` (`--batch_tokens` = batch x max_seq_len: the whole-epoch packing, fewer and larger
 steps). With the `--torch_*` paths, each round also runs ../shared/bench/torch_epoch_bench.py (PyTorch MiniMind's
-train_lora.py epoch on the same file) and the first round saves its random base so that every run of the sitting
+train_lora.py epoch on the same file) and the first round saves its random base so that every run of the bench
 trains the same base (`--base` to give one). Rounds alternate the order of the two sides.
 
 Mode 1 (equal work): a B x T batch (default 4 x 256) with every position real and labelled, run by the trainer's
@@ -277,7 +277,7 @@ def main(argv=None):
 
 
 def host_cpu() -> str:
-    """The CPU the sitting ran on (model, cores, vector units): the ratio depends on it, since PyTorch's MKL and
+    """The CPU the bench ran on (model, cores, vector units): the ratio depends on it, since PyTorch's MKL and
     XLA's YNNPACK do not gain alike from AVX-512 and AMX."""
     model, flags = "unknown CPU", set()
     try:
