@@ -9,6 +9,7 @@ scale), and is exact in that sense (up to fp32 rounding of the factors):
     concat(a, b, ...)  Δ = Σ Δi                    rank Σ ri
     combine(ads, ws)   Δ = Σ wi·Δi                 rank Σ ri     (= concat of scaled adapters)
     svd_truncate(a, k) best rank-k approximation of Δa per module (Eckart–Young) + its relative error
+    pad_ranks(a, r)    the same Δ at a higher rank (zero columns of A, zero rows of B)
     stack(ads)         N adapters side by side for multi-adapter batches (`lora.apply(..., adapter_ids=...)`)
 
 Why concatenation: `[A1 | A2] @ [[s1·B1], [s2·B2]] = s1·A1@B1 + s2·A2@B2` — block matrix product, no cross terms.
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import targets as targets_lib
-from .core import Adapter, Rank, _rank_for, _set
+from .core import Adapter, Rank, _rank_for, get_path, set_path
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -56,15 +57,6 @@ def _union_paths(adapters: Sequence[Adapter]) -> list[tuple[str, ...]]:
         for p, _ in a.modules():
             seen.setdefault(p, None)
     return list(seen)
-
-
-def _lookup(adapter: Adapter, path):
-    node = adapter.weights
-    for k in path:
-        if not isinstance(node, Mapping) or k not in node:
-            return None
-        node = node[k]
-    return node
 
 
 def _targets_union(adapters: Sequence[Adapter]) -> str:
@@ -97,12 +89,12 @@ def concat(*adapters: Union[Adapter, Sequence[Adapter]]) -> Adapter:
     ads = _adapters(adapters)
     weights: dict = {}
     for path in _union_paths(ads):
-        parts = [(a, ab) for a in ads if (ab := _lookup(a, path)) is not None]
+        parts = [(a, ab) for a in ads if (ab := get_path(a.weights, path, None)) is not None]
         _check_shapes(path, [ab for _, ab in parts])
         dtype = jnp.result_type(*[ab["A"].dtype for _, ab in parts], *[ab["B"].dtype for _, ab in parts])
         A = jnp.concatenate([ab["A"].astype(dtype) for _, ab in parts], axis=-1)
         B = jnp.concatenate([_folded_b(a, ab, dtype) for a, ab in parts], axis=0)
-        _set(weights, path, {"A": A, "B": B})
+        set_path(weights, path, {"A": A, "B": B})
     return Adapter(weights, alpha=None, rslora=False, targets=_targets_union(ads))
 
 
@@ -125,7 +117,7 @@ def scale(adapter: Adapter, w) -> Adapter:
     weights: dict = {}
     for path, ab in adapter.modules():
         B = (ab["B"].astype(jnp.float32) * w).astype(ab["B"].dtype)
-        _set(weights, path, {"A": ab["A"], "B": B})
+        set_path(weights, path, {"A": ab["A"], "B": B})
     return Adapter(weights, alpha=adapter.alpha, rslora=adapter.rslora, targets=adapter.targets)
 
 
@@ -134,7 +126,7 @@ def negate(adapter: Adapter) -> Adapter:
     (adapter,) = _adapters((adapter,))
     weights: dict = {}
     for path, ab in adapter.modules():
-        _set(weights, path, {"A": ab["A"], "B": -ab["B"]})
+        set_path(weights, path, {"A": ab["A"], "B": -ab["B"]})
     return Adapter(weights, alpha=adapter.alpha, rslora=adapter.rslora, targets=adapter.targets)
 
 
@@ -184,7 +176,7 @@ def svd_truncate(adapter: Adapter, rank: Rank) -> tuple[Adapter, float]:
         sq = jnp.sqrt(sv[:k])
         new_a = jnp.matmul(qa, u[:, :k], precision=_HI) * sq  # [I, k]
         new_b = sq[:, None] * jnp.matmul(vt[:k], qb.T, precision=_HI)  # [k, O]
-        _set(weights, path, {"A": new_a.astype(ab["A"].dtype), "B": new_b.astype(ab["B"].dtype)})
+        set_path(weights, path, {"A": new_a.astype(ab["A"].dtype), "B": new_b.astype(ab["B"].dtype)})
         sv64 = np.asarray(sv, np.float64)
         tail += float(np.sum(sv64[k:] ** 2))
         total += float(np.sum(sv64 ** 2))
@@ -192,33 +184,78 @@ def svd_truncate(adapter: Adapter, rank: Rank) -> tuple[Adapter, float]:
     return Adapter(weights, alpha=None, rslora=False, targets=adapter.targets), rel
 
 
+def _fold(adapter: Adapter, dtype_of=None) -> Adapter:
+    """The same delta with each module's scale folded into B (alpha None); factors cast to `dtype_of(path)` if given."""
+    weights: dict = {}
+    for path, ab in adapter.modules():
+        dtype = dtype_of(path) if dtype_of is not None else jnp.result_type(ab["B"].dtype)
+        A = ab["A"] if dtype_of is None else ab["A"].astype(dtype)
+        set_path(weights, path, {"A": A, "B": _folded_b(adapter, ab, dtype)})
+    return Adapter(weights, alpha=None, rslora=False, targets=adapter.targets)
+
+
+def pad_ranks(adapter: Adapter, ranks: Union[Rank, Adapter]) -> Adapter:
+    """The same delta with each module's rank raised to `ranks`: A's columns and B's rows zero-padded (the padding
+    adds exact zeros to A@B). Works on stacked adapters too (their rank axis is A's last and B's second to last).
+
+    `ranks`: an int (every module), a {pattern: rank} mapping as in `lora.init` (an `Adapter.ranks` dict is one),
+    or an Adapter, whose ranks are the targets (its modules must cover this one's). A module already at or above its
+    target rank is kept; one below it is padded. The scale of an adapter with alpha depends on its rank, so when
+    padding changes a rank its scales are first folded into B and the result has alpha=None (scale 1), like every
+    result of this module; otherwise (alpha None, or nothing to pad) alpha, rslora and targets are kept. For the
+    factors padded with the scale dropped instead (a trainer that applies each rank's scale itself):
+    `pad_ranks(adapter.replace(alpha=None, rslora=False), ranks)`.
+    """
+    want = ranks.ranks if isinstance(ranks, Adapter) else ranks
+    pads = {}
+    for path, ab in adapter.modules():
+        name = targets_lib.module_name(path)
+        if isinstance(want, Mapping) and name in want:  # a module's own name: exact, before any pattern
+            target = int(want[name])
+        elif isinstance(ranks, Adapter):
+            raise ValueError(f"pad_ranks: the reference adapter has no {name}")
+        else:
+            target = _rank_for(want, name)
+        pads[path] = max(0, target - ab["A"].shape[-1])
+    if not any(pads.values()):
+        return adapter
+    if adapter.alpha is not None:
+        adapter = _fold(adapter)
+    weights: dict = {}
+    for path, ab in adapter.modules():
+        A, B, n = ab["A"], ab["B"], pads[path]
+        A = jnp.pad(A, [(0, 0)] * (A.ndim - 1) + [(0, n)])
+        B = jnp.pad(B, [(0, 0)] * (B.ndim - 2) + [(0, n), (0, 0)])
+        set_path(weights, path, {"A": A, "B": B})
+    return adapter.replace(weights=weights)
+
+
 def stack(adapters: Sequence[Adapter]) -> Adapter:
     """N adapters -> one stacked adapter for multi-adapter batches: per module A [N, I, r_max], B [N, r_max, O].
 
-    Each adapter's scale is folded into its B and ranks are zero-padded to the module's r_max (padded columns
-    of A and rows of B are 0, so they add exact zeros); a module absent from an adapter is all-zero in its slot.
-    Use with `lora.apply(model, params, stacked, ids, adapter_ids=[...])`: row b gets adapter adapter_ids[b]
+    Each adapter's scale is folded into its B and ranks are zero-padded to the module's r_max (`pad_ranks`: padded
+    columns of A and rows of B are 0, so they add exact zeros); a module absent from an adapter is all-zero in its
+    slot. Use with `lora.apply(model, params, stacked, ids, adapter_ids=[...])`: row b gets adapter adapter_ids[b]
     (-1: base model), equal to running that adapter alone.
     """
     ads = _adapters((adapters,))
-    weights: dict = {}
-    for path in _union_paths(ads):
-        parts = [_lookup(a, path) for a in ads]
-        present = [ab for ab in parts if ab is not None]
+    paths = _union_paths(ads)
+    r_max, dtypes = {}, {}
+    for path in paths:
+        present = [ab for a in ads if (ab := get_path(a.weights, path, None)) is not None]
         _check_shapes(path, present)
-        i, o = present[0]["A"].shape[0], present[0]["B"].shape[-1]
-        r_max = max(ab["A"].shape[-1] for ab in present)
-        dtype = jnp.result_type(*[ab["A"].dtype for ab in present], *[ab["B"].dtype for ab in present])
-        As, Bs = [], []
-        for a, ab in zip(ads, parts):
-            if ab is None:
-                As.append(jnp.zeros((i, r_max), dtype))
-                Bs.append(jnp.zeros((r_max, o), dtype))
-                continue
-            pad = r_max - ab["A"].shape[-1]
-            As.append(jnp.pad(ab["A"].astype(dtype), ((0, 0), (0, pad))))
-            Bs.append(jnp.pad(_folded_b(a, ab, dtype), ((0, pad), (0, 0))))
-        _set(weights, path, {"A": jnp.stack(As), "B": jnp.stack(Bs)})
+        r_max[targets_lib.module_name(path)] = max(ab["A"].shape[-1] for ab in present)
+        dtypes[path] = jnp.result_type(*[ab["A"].dtype for ab in present], *[ab["B"].dtype for ab in present])
+    padded = [pad_ranks(_fold(a, dtypes.__getitem__), r_max) for a in ads]
+    weights: dict = {}
+    for path in paths:
+        name, dtype = targets_lib.module_name(path), dtypes[path]
+        ref = next(ab for a in ads if (ab := get_path(a.weights, path, None)) is not None)
+        i, o = ref["A"].shape[0], ref["B"].shape[-1]
+        parts = [get_path(a.weights, path, None) for a in padded]
+        As = [jnp.zeros((i, r_max[name]), dtype) if ab is None else ab["A"] for ab in parts]
+        Bs = [jnp.zeros((r_max[name], o), dtype) if ab is None else ab["B"] for ab in parts]
+        set_path(weights, path, {"A": jnp.stack(As), "B": jnp.stack(Bs)})
     return Adapter(weights, alpha=None, rslora=False, targets=_targets_union(ads))
 
 
@@ -231,5 +268,5 @@ def unstack(stacked: Adapter, index: int) -> Adapter:
         n = ab["A"].shape[0]
         if not -n <= index < n:
             raise IndexError(f"adapter index {index} out of range for a stack of {n}")
-        _set(weights, path, {"A": ab["A"][index], "B": ab["B"][index]})
+        set_path(weights, path, {"A": ab["A"][index], "B": ab["B"][index]})
     return Adapter(weights, alpha=None, rslora=False, targets=stacked.targets)

@@ -48,32 +48,53 @@ class Adapter:
 
     @property
     def ranks(self) -> dict[str, int]:
-        return {targets_lib.module_name(p): ab["A"].shape[-1] for p, ab in self.modules()}
+        """{torch module name: rank} in tree order (a stacked adapter's: the padded rank its slots share)."""
+        return {targets_lib.module_name(p): int(ab["A"].shape[-1]) for p, ab in self.modules()}
 
     def num_params(self) -> int:
         return sum(int(x.size) for x in jax.tree.leaves(self.weights))
 
 
+def is_factors(x) -> bool:
+    """True for one module's factors {"A": ..., "B": ...} (the nodes of `Adapter.weights` that hold arrays): the
+    `is_leaf` to map over adapters module by module, `jax.tree.map(f, a.weights, b.weights, is_leaf=is_factors)`."""
+    return isinstance(x, Mapping) and "A" in x and "B" in x
+
+
 def iter_modules(tree, path=()):
-    if isinstance(tree, Mapping) and "A" in tree and "B" in tree:
+    if is_factors(tree):
         yield path, tree
         return
     for k, v in tree.items():
         yield from iter_modules(v, path + (k,))
 
 
-def _set(tree: dict, path, value) -> None:
-    for p in path[:-1]:
-        tree = tree.setdefault(p, {})
-    tree[path[-1]] = value
+_MISSING = object()
 
 
-def _get(tree, path):
-    for p in path:
-        if p not in tree:
-            raise KeyError(f"{'/'.join(path)} is not in the params tree (missing {p!r})")
-        tree = tree[p]
+def _keys(path) -> tuple:
+    return tuple(path.split("/")) if isinstance(path, str) else tuple(path)
+
+
+def get_path(tree, path, default=_MISSING):
+    """tree[k0][k1]...: `path` a tuple of keys or a '/'-separated string ("model/layers_0/self_attn/q_proj").
+    A missing key (or a leaf on the way) raises KeyError naming the path, or returns `default` when one is given."""
+    keys = _keys(path)
+    for k in keys:
+        if not isinstance(tree, Mapping) or k not in tree:
+            if default is not _MISSING:
+                return default
+            raise KeyError(f"{'/'.join(map(str, keys))} is not in the tree (missing {k!r})")
+        tree = tree[k]
     return tree
+
+
+def set_path(tree: dict, path, value) -> None:
+    """tree[k0][k1]... = value in place, making the dicts on the way; `path` as in `get_path`."""
+    keys = _keys(path)
+    for k in keys[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[keys[-1]] = value
 
 
 def _rank_for(rank: Rank, name: str) -> int:
@@ -98,11 +119,11 @@ def init(params: Params, key: jax.Array, rank: Rank = 8, targets: targets_lib.Ta
     weights: dict = {}
     keys = jax.random.split(key, len(paths))
     for k, path in zip(keys, paths):
-        i, o = _get(params, path + ("kernel",)).shape
+        i, o = get_path(params, path + ("kernel",)).shape
         r = _rank_for(rank, targets_lib.module_name(path))
         if r <= 0:
             raise ValueError(f"rank must be positive, got {r} for {targets_lib.module_name(path)}")
-        _set(weights, path, {"A": 0.02 * jax.random.normal(k, (i, r), dtype), "B": jnp.zeros((r, o), dtype)})
+        set_path(weights, path, {"A": 0.02 * jax.random.normal(k, (i, r), dtype), "B": jnp.zeros((r, o), dtype)})
     return Adapter(weights, alpha=alpha, rslora=rslora, targets=targets_lib.spec_string(targets))
 
 
@@ -111,7 +132,7 @@ def folded(adapter: Adapter) -> dict:
     out: dict = {}
     for path, ab in adapter.modules():
         s = adapter.scale(ab["A"].shape[-1])
-        _set(out, path, {"A": ab["A"], "B": ab["B"] if s == 1.0 else ab["B"] * s})
+        set_path(out, path, {"A": ab["A"], "B": ab["B"] if s == 1.0 else ab["B"] * s})
     return out
 
 
@@ -122,14 +143,14 @@ def _delta_apply(params: Params, adapter: Adapter, sign: float, weight: float) -
     out = jax.tree.map(lambda x: x, params)  # new containers; arrays are shared, not copied
     out = _unfreeze(out)
     for path, ab in adapter.modules():
-        w = _get(out, path + ("kernel",))
+        w = get_path(out, path + ("kernel",))
         a, b = ab["A"], ab["B"]
         if a.shape[0] != w.shape[0] or b.shape[1] != w.shape[1]:
             raise ValueError(f"adapter for {targets_lib.module_name(path)}: A {a.shape} @ B {b.shape} does not fit "
                              f"kernel {w.shape}")
         s = sign * weight * adapter.scale(a.shape[-1])
         delta = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32), precision="highest")
-        _set(out, path + ("kernel",), (w.astype(jnp.float32) + s * delta).astype(w.dtype))
+        set_path(out, path + ("kernel",), (w.astype(jnp.float32) + s * delta).astype(w.dtype))
     return out
 
 

@@ -250,11 +250,11 @@ def peft_linear(adapters, weights):
     B = sum sqrt(w_i s_i) B_i, the new adapter's alpha = its rank (scaling 1)."""
     out = {}
     for p, _ in adapters[0].modules():
-        abs_ = [lora.core._get(ad.weights, p) for ad in adapters]
+        abs_ = [lora.get_path(ad.weights, p) for ad in adapters]
         g = [np.sqrt(w * ad.scale(ab["A"].shape[-1])) for ad, ab, w in zip(adapters, abs_, weights)]
         A = sum(gi * ab["A"] for gi, ab in zip(g, abs_))
         B = sum(gi * ab["B"] for gi, ab in zip(g, abs_))
-        lora.core._set(out, p, {"A": A, "B": B})
+        lora.set_path(out, p, {"A": A, "B": B})
     return lora.Adapter(out)
 
 
@@ -270,8 +270,8 @@ def test_combine_has_no_cross_terms_unlike_peft_linear():
     peft = deltas(peft_linear([a, b], w))
     s = np.sqrt(w[0] * a.scale(3) * w[1] * b.scale(3))
     for k in exact:  # PEFT's delta = exact + sqrt(w0 s_a w1 s_b) * (A_a @ B_b + A_b @ B_a)
-        ab_a = lora.core._get(a.weights, tuple(k.split("/")))
-        ab_b = lora.core._get(b.weights, tuple(k.split("/")))
+        ab_a = lora.get_path(a.weights, k)
+        ab_b = lora.get_path(b.weights, k)
         cross = s * (np.asarray(ab_a["A"]) @ np.asarray(ab_b["B"]) + np.asarray(ab_b["A"]) @ np.asarray(ab_a["B"]))
         np.testing.assert_allclose(np.asarray(peft[k]) - np.asarray(exact[k]), cross, atol=1e-6)
         assert np.linalg.norm(cross) > 0.1 * np.linalg.norm(np.asarray(exact[k]))
@@ -351,6 +351,54 @@ def test_stack_on_moe_experts_rows_equal_each_adapter_alone():
     want = [lora.apply(model, params, a, IDS).logits[0], lora.apply(model, params, b, IDS).logits[1],
             model.apply({"params": params}, IDS).logits[2]]
     chex.assert_trees_all_close(got, jnp.stack(want), atol=1e-5, rtol=1e-5)
+
+
+def test_pad_ranks_keeps_the_delta():
+    _, params = setup("v2")
+    plain = randomize_b(lora.init(params, jax.random.key(50), rank={"q_proj": 2, "*": 3}), 51)
+    p = lora.pad_ranks(plain, 5)
+    assert set(p.ranks.values()) == {5} and p.alpha is None and p.targets == plain.targets
+    q = "model/layers_0/self_attn/q_proj"
+    ab, ref = lora.get_path(p.weights, q), lora.get_path(plain.weights, q)
+    assert not np.any(np.asarray(ab["A"][:, 2:])) and not np.any(np.asarray(ab["B"][2:]))
+    np.testing.assert_array_equal(np.asarray(ab["A"][:, :2]), np.asarray(ref["A"]))
+    assert_deltas(deltas(p), deltas(plain), atol=0)
+    # an alpha: its scale alpha/r follows the rank, so padding folds it into B (alpha None, the same delta)
+    scaled = randomize_b(lora.init(params, jax.random.key(52), rank=2, alpha=8.0), 53)
+    widest = lora.init(params, jax.random.key(54), rank={"q_proj": 4, "*": 2})
+    f = lora.pad_ranks(scaled, widest)
+    assert f.ranks == widest.ranks and f.alpha is None
+    assert_deltas(deltas(f), deltas(scaled), atol=1e-7)
+    assert lora.pad_ranks(scaled, 2) is scaled and lora.pad_ranks(scaled, 1) is scaled  # nothing to pad: kept
+    raw = lora.pad_ranks(scaled.replace(alpha=None), widest)  # the factors padded, the scale dropped
+    assert raw.alpha is None and raw.ranks == widest.ranks
+    o = "model/layers_0/self_attn/o_proj"
+    np.testing.assert_array_equal(np.asarray(lora.get_path(raw.weights, o)["B"]),
+                                  np.asarray(lora.get_path(scaled.weights, o)["B"]))
+    with pytest.raises(ValueError, match="no rank given"):
+        lora.pad_ranks(plain, {"q_proj": 4})
+    with pytest.raises(ValueError, match="reference adapter has no"):
+        lora.pad_ranks(lora.init(params, jax.random.key(0), targets="all-linear"), widest)
+    st = lora.pad_ranks(lora.stack([plain, scaled]), 6)  # stacked: the rank axis is A's last, B's second to last
+    assert lora.get_path(st.weights, "model/layers_1/self_attn/o_proj")["B"].shape == (2, 6, 48)
+    assert_deltas(deltas(lora.unstack(st, 1)), deltas(scaled), atol=1e-7)
+
+
+def test_tree_helpers():
+    a = lora.init(setup("v2")[1], jax.random.key(0), rank=2)
+    ab = lora.get_path(a.weights, "model/layers_0/self_attn/q_proj")
+    assert lora.is_factors(ab) and not lora.is_factors(ab["A"]) and not lora.is_factors({"A": 1})
+    assert lora.get_path(a.weights, ("model", "layers_0", "self_attn", "q_proj")) is ab
+    assert jax.tree.leaves(jax.tree.map(lambda x: x["A"].shape[-1], a.weights, is_leaf=lora.is_factors)) == [2] * 6
+    assert lora.get_path(a.weights, "model/layers_9", None) is None
+    assert lora.get_path(a.weights, "model/layers_0/self_attn/q_proj/A/x", "none") == "none"  # a leaf on the way
+    with pytest.raises(KeyError, match="model/layers_9/mlp is not in the tree .missing 'layers_9'"):
+        lora.get_path(a.weights, "model/layers_9/mlp")
+    tree: dict = {}
+    lora.set_path(tree, "a/b", 1)
+    lora.set_path(tree, ("a", "c"), 2)
+    assert tree == {"a": {"b": 1, "c": 2}}
+    assert all(type(r) is int for r in a.ranks.values())
 
 
 # --------------------------------------------------------------------------------------- training masks
@@ -445,7 +493,7 @@ def _params_from_state_dict(sd, cfg):
         if key == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         path, transpose = torch_to_flax(key, v.ndim)
-        lora.core._set(params, path, jnp.asarray(v.T if transpose else v))
+        lora.set_path(params, path, jnp.asarray(v.T if transpose else v))
     return params
 
 
@@ -454,7 +502,7 @@ def _adapter_from_minimind(sd):
     for key, v in sd.items():
         m = LORA_KEY_RE.match(key)
         assert m, key
-        lora.core._set(weights, module_path(m["module"]) + (m["factor"],), jnp.asarray(v.T))
+        lora.set_path(weights, module_path(m["module"]) + (m["factor"],), jnp.asarray(v.T))
     return lora.Adapter(weights)
 
 
