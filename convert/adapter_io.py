@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora.core import Adapter
+from lora.core import Adapter, is_factors
 from lora.targets import kernel_paths
 from minimind_jax.config import MiniMindConfig
 from minimind_jax.keys import module_name
@@ -26,7 +26,6 @@ from . import peft as peft_io
 from .adapter_keys import adapter_from_minimind, adapter_from_peft, adapter_to_minimind, adapter_to_peft
 from .formats import adapter_format_for, adapter_kind
 from .layout import ConfigLike, param_shapes, resolve_config
-from .model_io import load_model
 from .safetensors_io import read_safetensors, write_safetensors
 from .torch_io import read_pth, write_pth
 from .util import CheckpointError, PathLike, as_numpy, cast, parse_dtype, short_list, split_minimind_name
@@ -68,10 +67,6 @@ def _jsonable(x, where: str):
     if x is None or isinstance(x, (str, int, float, bool)):
         return x
     raise TypeError(f"adapter metadata {where} = {x!r} ({type(x).__name__}) is not JSON-serialisable")
-
-
-def _ranks(adapter: Adapter) -> dict[str, int]:
-    return {module_name(p): int(ab["A"].shape[-1]) for p, ab in adapter.modules()}
 
 
 def _common_rank(ranks: Mapping[str, int]) -> Optional[int]:
@@ -116,7 +111,7 @@ def _from_ckpt(p: Path, dtype) -> tuple[Adapter, dict]:
     mods = {}
 
     def walk(node, path):
-        if isinstance(node, Mapping) and "A" in node and "B" in node:
+        if is_factors(node):
             mods[path] = node
             return
         if not isinstance(node, Mapping):
@@ -212,7 +207,7 @@ def _ckpt_metadata(adapter: Adapter, metadata, dtype, cfg: Optional[MiniMindConf
     if clash:
         raise ValueError(f"adapter metadata keys {clash} are reserved (written from the adapter itself)")
     user = _jsonable(user, "metadata")
-    ranks = _ranks(adapter)
+    ranks = adapter.ranks
     leaves = jax.tree.leaves(adapter.weights)
     meta = {
         "format": ckpt.ADAPTER_FORMAT, "version": 1,
@@ -240,7 +235,7 @@ def read_adapter_metadata(path: PathLike) -> dict:
     if kind == "adapter-ckpt":
         return ckpt.read_json(p / ckpt.ADAPTER_META)
     adapter = load_adapter(p, dtype=None)
-    ranks = _ranks(adapter)
+    ranks = adapter.ranks
     leaves = jax.tree.leaves(adapter.weights)
     out = {"format": "peft" if kind == "peft" else f"minimind-{kind}", "alpha": adapter.alpha,
            "rslora": adapter.rslora, "targets": adapter.targets, "rank": _common_rank(ranks), "ranks": ranks,
@@ -252,11 +247,3 @@ def read_adapter_metadata(path: PathLike) -> dict:
         d = p if p.is_dir() else p.parent
         out["peft_config"] = ckpt.read_json(d / peft_io.CONFIG)
     return out
-
-
-def load_base(path: PathLike) -> tuple[MiniMindConfig, Optional[dict]]:
-    """A base for checks: config.json -> (config, None); weights -> (config, params)."""
-    p = Path(path)
-    if p.suffix == ".json":
-        return MiniMindConfig.from_json(p), None
-    return load_model(p)

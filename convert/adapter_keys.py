@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional
 import jax.numpy as jnp
 import numpy as np
 
-from lora.core import Adapter
+from lora.core import Adapter, is_factors, set_path
 from minimind_jax.keys import LORA_KEY_RE, lora_key, module_name, module_path, strip_prefix
 
 from . import peft as peft_io
@@ -28,7 +28,7 @@ def _check_pairs(mods: Mapping[str, Mapping[str, np.ndarray]], source) -> None:
         for f in ("A", "B"):
             if f not in ab:
                 missing.append(lora_key(m, f))
-        if "A" in ab and "B" in ab:
+        if is_factors(ab):
             a, b = ab["A"], ab["B"]
             if a.ndim != 2 or b.ndim != 2:
                 bad.append(f"{m}: A {list(a.shape)}, B {list(b.shape)} (both must be 2-D)")
@@ -48,11 +48,8 @@ def _from_torch_modules(mods: Mapping[str, Mapping[str, np.ndarray]], source, dt
     _check_pairs(mods, source)
     weights: dict = {}
     for m in sorted(mods, key=lambda k: torch_order(k, "minimind3")):
-        node = weights
-        for p in module_path(m)[:-1]:
-            node = node.setdefault(p, {})
-        node[module_path(m)[-1]] = {"A": jnp.asarray(cast(mods[m]["A"].T, dtype)),
-                                    "B": jnp.asarray(cast(mods[m]["B"].T, dtype))}
+        set_path(weights, module_path(m), {"A": jnp.asarray(cast(mods[m]["A"].T, dtype)),
+                                           "B": jnp.asarray(cast(mods[m]["B"].T, dtype))})
     return weights
 
 
@@ -140,14 +137,13 @@ def adapter_from_peft(p: Path, dtype) -> Adapter:
 def adapter_to_peft(adapter: Adapter, p: PathLike, dtype, base_model: Optional[str], overwrite: bool) -> None:
     """Write a PEFT directory; an adapter without alpha (scale 1) gets lora_alpha = r (per module where ranks
     differ), so PEFT's alpha / r is 1 everywhere."""
-    mods, ranks = {}, {}
+    mods = {}
     for path_, ab in sorted_modules(adapter):
-        m = module_name(path_)
         a, b = cast(as_numpy(ab["A"]), parse_dtype(dtype)), cast(as_numpy(ab["B"]), parse_dtype(dtype))
-        mods[m] = {"A": np.ascontiguousarray(a.T), "B": np.ascontiguousarray(b.T)}
-        ranks[m] = a.shape[-1]
+        mods[module_name(path_)] = {"A": np.ascontiguousarray(a.T), "B": np.ascontiguousarray(b.T)}
     if adapter.alpha is None:
-        r = max(set(ranks.values()), key=list(ranks.values()).count)
+        ranks = {m: adapter.ranks[m] for m in mods}  # MiniMind's module order
+        r = peft_io.usual_rank(ranks)
         alpha, rslora, pattern = float(r), False, {m: float(rk) for m, rk in ranks.items() if rk != r}
     else:
         alpha, rslora, pattern = float(adapter.alpha), bool(adapter.rslora), {}

@@ -13,9 +13,9 @@ from typing import Optional, Sequence
 
 import jax
 
-from .adapter_io import load_adapter, load_base, save_adapter
+from .adapter_io import load_adapter, save_adapter
 from .formats import detect
-from .model_io import load_model, save_model
+from .model_io import load_model, load_model_or_config, save_model
 from .util import CheckpointError, print_written, split_minimind_name
 
 
@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
 def _adapter(args, inp: Path, out: Path) -> None:
     cfg = params = None
     if args.base:
-        cfg, params = load_base(args.base)
+        cfg, params = load_model_or_config(args.base)
     adapter = load_adapter(inp, params=params, config=cfg, dtype=args.dtype)
     stem = inp.name[: -len(inp.suffix)] if inp.suffix and inp.is_file() else inp.name
     name, hidden, moe = split_minimind_name(stem)

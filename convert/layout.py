@@ -51,12 +51,6 @@ def flatten(tree, path=()) -> list[tuple[tuple[str, ...], Any]]:
     return [(path, tree)]
 
 
-def set_path(tree: dict, path, value) -> None:
-    for p in path[:-1]:
-        tree = tree.setdefault(p, {})
-    tree[path[-1]] = value
-
-
 _ORDER = {"model": 0, "lm_head": 1, "embed_tokens": 0, "layers": 1, "norm": 2,
           "self_attn": 0, "input_layernorm": 1, "post_attention_layernorm": 2, "mlp": 3,
           "q_proj": 0, "k_proj": 1, "v_proj": 2, "o_proj": 3, "q_norm": 4, "k_norm": 5,

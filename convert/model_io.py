@@ -9,7 +9,7 @@ tensor as `model.embed_tokens.weight` (one storage in a plain torch.save, two eq
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -17,11 +17,15 @@ import numpy as np
 
 from minimind_jax.config import MiniMindConfig
 from minimind_jax.keys import flax_to_torch, torch_to_flax
+from minimind_jax.model import init_params
+from minimind_jax.model import param_shapes as abstract_params
 
 from . import checkpoint as ckpt
 from .formats import TORCH_SUFFIXES, sniff_kind
 from .infer import infer_config
-from .layout import EMBED, LM_HEAD, ConfigLike, flatten, resolve_config, set_path, state_dict_layout, strip_all
+from lora.core import set_path
+
+from .layout import EMBED, LM_HEAD, ConfigLike, flatten, resolve_config, state_dict_layout, strip_all
 from .layout import param_shapes  # noqa: F401  (re-exported: callers and tests import it from here)
 from .safetensors_io import read_safetensors, write_safetensors
 from .torch_io import read_pth, write_pth
@@ -172,6 +176,45 @@ def load_model(path: PathLike, config: ConfigLike = None, dtype: Any = np.float3
     else:
         raise CheckpointError(f"{p}: this is a LoRA adapter ({kind}), not a model: use load_adapter")
     return cfg, jax.tree.map(jnp.asarray, params)
+
+
+def is_random_base(weight) -> bool:
+    """True for the `weight` that means "no weights: a random init" (None, "" or "none", any case)."""
+    return not weight or (isinstance(weight, str) and weight.lower() == "none")
+
+
+def load_base(weight: Optional[PathLike], *, config: ConfigLike = None, family: str = "minimind2",
+              hidden_size: int = 512, num_hidden_layers: int = 8, use_moe: bool = False, seed: int = 42,
+              shapes_only: bool = False) -> tuple[MiniMindConfig, dict, str]:
+    """The base model to train or serve -> (config, params, note), note one line describing it for the log.
+
+    `weight` a path (resolve MiniMind names first: `resolve_weight`) to a MiniMind .pth / .safetensors or an orbax
+    params dir: `load_model(weight, config)`. `weight` None (or "none"): a random init,
+    `minimind_jax.model.init_params(config, seed)`, of `config` when given (e.g. the base config an adapter
+    recorded), else of `MiniMindConfig(family, hidden_size, num_hidden_layers, use_moe)` (MiniMind2-small's shape
+    at the defaults); its output is gibberish. shapes_only: a random base's params as jax.ShapeDtypeStruct leaves
+    (nothing computed: what a compile needs); a weight file is read either way.
+    """
+    if not is_random_base(weight):
+        cfg, params = load_model(weight, config)
+        return cfg, params, f"base weights: {weight} ({cfg.family}, {_shape(cfg)})"
+    cfg = resolve_config(config) or MiniMindConfig(family=family, hidden_size=hidden_size,
+                                                   num_hidden_layers=num_hidden_layers, use_moe=bool(use_moe))
+    params = abstract_params(cfg) if shapes_only else init_params(cfg, seed)
+    what = "MiniMind2-small-shaped" if cfg.family == "minimind2" else cfg.family
+    return cfg, params, f"random-init base ({what}, {_shape(cfg)}, seed {seed})"
+
+
+def _shape(config: MiniMindConfig) -> str:
+    return f"{config.hidden_size}x{config.num_hidden_layers}{', MoE' if config.use_moe else ''}"
+
+
+def load_model_or_config(path: PathLike) -> tuple[MiniMindConfig, Optional[dict]]:
+    """A base to check adapters against: a config.json -> (config, None); weights -> `load_model(path)`."""
+    p = Path(path)
+    if p.suffix == ".json":
+        return MiniMindConfig.from_json(p), None
+    return load_model(p)
 
 
 def save_model(params, config: MiniMindConfig, path: PathLike, dtype: Any = None, overwrite: bool = False) -> Path:

@@ -33,6 +33,11 @@ def _pattern_value(pattern: Mapping[str, Any], module: str, default):
     return default
 
 
+def usual_rank(ranks: Mapping[str, int]) -> int:
+    """PEFT's `r` for modules of these ranks: the most common one (the others go to rank_pattern)."""
+    return max(set(ranks.values()), key=list(ranks.values()).count)
+
+
 def read_peft(path: PathLike) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, float], dict]:
     """({module: {"A": [r, in], "B": [out, r]}} in torch layout, {module: PEFT scale}, adapter_config)."""
     p = Path(path)
@@ -84,8 +89,8 @@ def write_peft(path: PathLike, modules: Mapping[str, Mapping[str, np.ndarray]], 
                use_rslora: bool, alpha_pattern: Optional[Mapping[str, float]] = None,
                base_model: Optional[str] = None, overwrite: bool = False) -> None:
     """A PEFT LoRA directory: modules {module name: {"A": [r, in], "B": [out, r]}} (torch layout)."""
-    ranks = {m: int(ab["A"].shape[0]) for m, ab in modules.items()}
-    r = max(set(ranks.values()), key=list(ranks.values()).count)
+    ranks = {m: int(ab["A"].shape[0]) for m, ab in modules.items()}  # torch layout: A [r, in]
+    r = usual_rank(ranks)
     targets = sorted({m.rsplit(".", 1)[-1] for m in modules})
     cfg = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
