@@ -73,7 +73,6 @@ import convert
 import lora
 from minimind_jax import MiniMindConfig
 from minimind_jax.generate import generate
-from minimind_jax.model import init_params
 from minimind_jax.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -259,17 +258,17 @@ def start_ours(args, work: Path, weight: Optional[Path], lora_dir: Optional[Path
 # ----------------------------------------------------------------------------------------------------------------
 # base, adapters, prompts
 # ----------------------------------------------------------------------------------------------------------------
-def load_base(args, work: Path):
-    """-> (config, params, weight path for the servers or None: the server's own random init)."""
-
+def served_base(args, work: Path):
+    """The base both servers serve, from --weight / --family and the sizes -> (config, params, the weight path the
+    servers load, or None: serve.openai's own random init of the same config and seed 0, so no file is written)."""
     if args.weight is not None:
         weight = convert.resolve_weight(args.weight, "out", args.hidden_size, False)
-        config, params = convert.load_model(weight, args.config)
+        config, params, _ = convert.load_base(weight, config=args.config)
         return config, params, Path(weight).resolve()
     v3 = {"num_key_value_heads": 4} if args.family == "minimind3" else {}  # MiniMind HEAD's default (and ours)
     config = MiniMindConfig(family=args.family, hidden_size=args.hidden_size,
                             num_hidden_layers=args.num_hidden_layers, **v3)
-    params = init_params(config, seed=0)  # serve/loading.py load_base's random init
+    config, params, _ = convert.load_base(None, config=config, seed=0)  # serve.loading.load_serving_base's seed
     if args.family == "minimind2":
         return config, params, None
     weight = work / "base" / f"random_{args.family}_{args.hidden_size}.pth"
@@ -570,9 +569,7 @@ def start_minimind(args, work: Path, config, params, weight: Optional[Path], ads
         a = ads[0]
         if rank < args.rank:
             raise SystemExit(f"{tree}'s apply_lora makes rank {rank} < --rank {args.rank}")
-        pad = lambda p, x: np.pad(np.asarray(x), [(0, 0), (0, rank - x.shape[1])] if p[-1].key == "A" else
-                                  [(0, rank - x.shape[0]), (0, 0)])
-        a = a.replace(weights=jax.tree_util.tree_map_with_path(pad, a.weights))  # zero rows/cols: the same delta
+        a = lora.pad_ranks(a, rank)  # zero columns of A, rows of B: the same delta
         convert.save_adapter(a, root / "out" / "lora" / f"bench0_{config.hidden_size}.pth", dtype="float32",
                              overwrite=True)
         cmd += ["--lora_weight", "bench0"]
@@ -610,7 +607,7 @@ def main(argv=None):
     work.mkdir(parents=True, exist_ok=True)
 
 
-    config, params, weight = load_base(args, work)
+    config, params, weight = served_base(args, work)
     tokenizer = load_tokenizer()
     sampling = {"temperature": 0.0} if args.greedy else dict(SAMPLING)
     print(f"{config.family} {config.hidden_size}x{config.num_hidden_layers} "

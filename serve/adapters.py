@@ -51,10 +51,6 @@ def parse_mix(spec: str) -> list[tuple[float, str]]:
     return terms
 
 
-def _rank(adapter: lora.Adapter) -> int:
-    return max(ab["A"].shape[-1] for _, ab in adapter.modules())
-
-
 def _pow2(n: int, minimum: int) -> int:
     return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
@@ -81,7 +77,7 @@ class AdapterStack:
         with self._lock:
             if name in self._entries:
                 self.remove(name)
-            info = dict(info or {}, rank=_rank(adapter), targets=adapter.targets)
+            info = dict(info or {}, rank=max(adapter.ranks.values()), targets=adapter.targets)
             self._put(name, _Entry(adapter, self._free_index(), info))
 
     def remove(self, name: str) -> None:
@@ -120,8 +116,8 @@ class AdapterStack:
                 return key
             mixed = lora.combine([self._entries[n].adapter for _, n in terms], [w for w, _ in terms])
             self._evict_mixes()
-            self._put(key, _Entry(mixed, self._free_index(), {"rank": _rank(mixed), "targets": mixed.targets,
-                                                               "mix": model}, parts=tuple(n for _, n in terms)))
+            info = {"rank": max(mixed.ranks.values()), "targets": mixed.targets, "mix": model}
+            self._put(key, _Entry(mixed, self._free_index(), info, parts=tuple(n for _, n in terms)))
             self._mixes[key] = None
             return key
 
@@ -201,22 +197,13 @@ class AdapterStack:
     def _build(self) -> lora.Adapter:
         weights: dict = {}
         for path in self._paths:  # every module ever adapted stays in the shape (zeros once unloaded)
-            i, o = _get(self._params, path)["kernel"].shape
-            node = weights
-            for name in path[:-1]:
-                node = node.setdefault(name, {})
-            node[path[-1]] = {"A": np.zeros((self._capacity, i, self._rank), np.float32),
-                              "B": np.zeros((self._capacity, self._rank, o), np.float32)}
+            i, o = lora.get_path(self._params, path + ("kernel",)).shape
+            lora.set_path(weights, path, {"A": np.zeros((self._capacity, i, self._rank), np.float32),
+                                          "B": np.zeros((self._capacity, self._rank, o), np.float32)})
         for entry in self._live():
             for path, ab in lora.Adapter(lora.folded(entry.adapter)).modules():  # the scale rides on B
                 r = ab["A"].shape[-1]
-                node = _get(weights, path)
+                node = lora.get_path(weights, path)
                 node["A"][entry.index, :, :r] = np.asarray(ab["A"], np.float32)
                 node["B"][entry.index, :r, :] = np.asarray(ab["B"], np.float32)
         return lora.Adapter(jax.tree.map(jnp.asarray, weights), targets="served")
-
-
-def _get(tree, path):
-    for name in path:
-        tree = tree[name]
-    return tree

@@ -42,7 +42,7 @@ from minimind_jax.config import compute_dtype
 from minimind_jax.generate import generate_stream
 from minimind_jax.tokenizer import load_tokenizer
 
-from .loading import load_adapter_file, load_base
+from .loading import load_adapter_file, load_serving_base
 from .text import TextStream
 
 PROMPTS = [  # eval_llm.py's auto-test prompts
@@ -110,10 +110,10 @@ def resolve_names(args):
 
 def load(args):
     """-> (config, params) with every --lora merged in."""
-    config, params = load_base(args.weight, args.config, adapter_path=args.lora[0] if args.lora else None,
-                               family=args.family, hidden_size=args.hidden_size,
-                               num_hidden_layers=args.num_hidden_layers, use_moe=args.use_moe,
-                               rope_scaling=args.inference_rope_scaling, tag="chat")
+    config, params = load_serving_base(args.weight, args.config, adapter_path=args.lora[0] if args.lora else None,
+                                       family=args.family, hidden_size=args.hidden_size,
+                                       num_hidden_layers=args.num_hidden_layers, use_moe=args.use_moe,
+                                       rope_scaling=args.inference_rope_scaling, tag="chat")
     if args.lora:
         try:
             weights = parse_weights(args.lora_weights, len(args.lora), "--lora_weights", "--lora")

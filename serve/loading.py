@@ -9,7 +9,6 @@ from typing import Optional
 
 import convert
 from minimind_jax.config import MiniMindConfig
-from minimind_jax.model import init_params
 
 
 def random_base_of(adapter_path) -> Optional[tuple[MiniMindConfig, int]]:
@@ -23,26 +22,29 @@ def random_base_of(adapter_path) -> Optional[tuple[MiniMindConfig, int]]:
     return MiniMindConfig.from_dict(meta["base_config"]), int(meta["base_random_seed"])
 
 
-def load_base(weight, config_path=None, *, adapter_path=None, family="minimind2", hidden_size=512,
-              num_hidden_layers=8, use_moe=False, rope_scaling=False, tag="serve") -> tuple[MiniMindConfig, dict]:
-    """-> (config, params). `weight` None: the random base `adapter_path` was trained on when it records one (the
-    bundled demo's adapter), else a random init of the given shape (gibberish; smoke tests only)."""
+def load_serving_base(weight, config_path=None, *, adapter_path=None, family="minimind2", hidden_size=512,
+                      num_hidden_layers=8, use_moe=False, rope_scaling=False,
+                      tag="serve") -> tuple[MiniMindConfig, dict]:
+    """The base `serve.chat` / `serve.openai` serve, from their flags -> (config, params), said on stderr:
+    `convert.load_base` of `weight` (a path), or with `weight` None of the random base `adapter_path` was trained on
+    when it records one (the bundled demo's adapter: its config and seed), else of a random init of the given shape
+    and seed 0 (gibberish; smoke tests only). rope_scaling: YaRN on, whatever the base's config says."""
     rebuilt = random_base_of(adapter_path) if weight is None and adapter_path is not None else None
     if rebuilt is not None:
         config, seed = rebuilt
+        config, params, _ = convert.load_base(None, config=config, seed=seed)
         print(f"[{tag}] no --weight: the random-init base {adapter_path} was trained on ({config.family} "
               f"{config.hidden_size}x{config.num_hidden_layers}, seed {seed})", file=sys.stderr)
-        return config, init_params(config, seed)
-    if weight is None:
-        config = MiniMindConfig(family=family, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
-                                use_moe=bool(use_moe), inference_rope_scaling=rope_scaling)
+    elif weight is None:
+        config, params, _ = convert.load_base(None, family=family, hidden_size=hidden_size,
+                                              num_hidden_layers=num_hidden_layers, use_moe=use_moe, seed=0)
         print(f"[{tag}] no --weight: RANDOM-INIT {config.family} {config.hidden_size}x{config.num_hidden_layers} "
               "(output is gibberish; for smoke tests only)", file=sys.stderr)
-        return config, init_params(config, seed=0)
-    config, params = convert.load_model(weight, config_path)
+    else:
+        config, params, _ = convert.load_base(weight, config=config_path)
+        print(f"[{tag}] {weight}: {config.family} {config.hidden_size}x{config.num_hidden_layers}", file=sys.stderr)
     if rope_scaling:
         config = config.replace(inference_rope_scaling=True, rope_scaling=None)
-    print(f"[{tag}] {weight}: {config.family} {config.hidden_size}x{config.num_hidden_layers}", file=sys.stderr)
     return config, params
 
 

@@ -26,7 +26,7 @@ from minimind_jax.config import compute_dtype
 from minimind_jax.tokenizer import load_tokenizer
 
 from .engine import Engine, Sampling
-from .loading import adapter_name, load_adapter_file, load_base, scan_lora_dir
+from .loading import adapter_name, load_adapter_file, load_serving_base, scan_lora_dir
 
 
 def parse_args(argv=None):
@@ -86,9 +86,9 @@ def setup(args):
     if args.weight is not None:
         args.weight = str(convert.resolve_weight(args.weight, args.save_dir, args.hidden_size, bool(args.use_moe)))
     specs = _adapter_specs(args)
-    config, params = load_base(args.weight, args.config, adapter_path=specs[0][1] if specs else None,
-                               hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
-                               use_moe=args.use_moe, tag="serve")
+    config, params = load_serving_base(args.weight, args.config, adapter_path=specs[0][1] if specs else None,
+                                       hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
+                                       use_moe=args.use_moe, tag="serve")
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config.eos_token_id
     engine = Engine(params, config, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
                     dtype=compute_dtype(args.dtype), eos_token_id=eos)
