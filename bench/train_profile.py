@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from train import run as R  # noqa: E402
+from train import trainer as R  # noqa: E402
 from train import sharding  # noqa: E402
 from train.config import RunConfig  # noqa: E402
 
@@ -97,7 +97,7 @@ def main(argv=None):
         if s == first:
             jax.profiler.start_trace(str(work / "trace"))
         t0 = time.perf_counter()
-        state, m = job.train_step(state, job.params, batch, np.int32(n_chunks), 1e-4, cap=cap, update=True)
+        state, m = job.train_step(state, job.params, batch, np.int32(n_chunks), job.lrs(1), cap=cap, update=True)
         jax.block_until_ready(m)
         if s >= first:
             wall += time.perf_counter() - t0

@@ -109,26 +109,26 @@ def main(argv=None):
     rep = SH.replicated(mesh)
     step = S.make_train_step(model, tx, state_sharding=rep)
     adapter = lora.init(params, jax.random.PRNGKey(1), rank=args.rank)
-    state = SH.replicate(S.init_state(adapter, tx), mesh)
+    state = SH.replicate(S.stack_states([S.init_state(adapter, tx)]), mesh)  # one member
     params = SH.replicate(params, mesh)
     ids = np.random.default_rng(0).integers(3, cfg.vocab_size, (args.batch, args.seq)).astype(np.int32)
     rpd = args.rows_per_device or (1 if jax.default_backend() == "cpu" else
                                    max(1, min(ACCEL_CHUNK_TOKENS // args.seq, -(-args.batch // devices))))
     chunks, n_chunks, cap, stats = prepare_batch({"input_ids": ids, "labels": ids.copy()}, devices=devices,
                                                  rows_per_device=rpd)
-    chunks, n_chunks = SH.put_batch(chunks, mesh), np.int32(n_chunks)
+    chunks, n_chunks, lr = SH.put_batch(chunks, mesh), np.int32(n_chunks), np.float32([1e-4])
     t0 = time.perf_counter()
-    compiled = step.lower(state, params, chunks, n_chunks, 1e-4, cap=cap, update=True).compile()
+    compiled = step.lower(state, params, chunks, n_chunks, lr, cap=cap, update=True).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    state, m = step(state, params, chunks, n_chunks, 1e-4, cap=cap, update=True)
+    state, m = step(state, params, chunks, n_chunks, lr, cap=cap, update=True)
     jax.block_until_ready(m)
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        state, m = step(state, params, chunks, n_chunks, 1e-4, cap=cap, update=True)
+        state, m = step(state, params, chunks, n_chunks, lr, cap=cap, update=True)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
     step_s = float(np.median(times))

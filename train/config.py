@@ -176,7 +176,7 @@ class RunConfig:
     prompts: str = opt("|".join(PROMPTS), "'|'-separated prompts answered greedily before and after training")
     max_new_tokens: int = opt(64, "answer length for --prompts; 0 skips the answers")
     cpu_devices: int = opt(0, "CPU only: split the cores into this many data-parallel XLA devices; 0 (default) = "
-                              "one per core (at most 8) dividing the batch; 1 = off")
+                              "one per core (at most 8, at most the samples per step); 1 = off")
     coordinator: Optional[str] = opt(None, "multi-host: coordinator HOST:PORT (process 0's address)")
     num_processes: Optional[int] = opt(None, "multi-host: how many processes the run has")
     process_id: Optional[int] = opt(None, "multi-host: this process's index (0 writes the files)")
