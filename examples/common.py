@@ -5,7 +5,7 @@ base + adapter on a dataset, greedy answers, and the flags every example takes.
     a, b = lab.adapter("identity"), lab.adapter("capitals")      # trained once, then reused from --out
     lab.loss(lora.combine([a, b], [1, 1]), "capitals")           # mean cross-entropy over its answer tokens
 
-Adapters are trained with `train.run.run` (what `python -m train.lora` runs) on the random-init MiniMind2-small base
+Adapters are trained with `train.run` (what `python -m train.lora` runs) on the random-init MiniMind2-small base
 of `--seed`, with a demo-like recipe (every projection adapted, lr 4e-3, 16 samples a step, 10 epochs, conversations
 rendered as the generation prompt), so both adapters share one base and one recipe. The trained adapter is saved in
 `--out` under a name that spells its settings; a later example with the same settings loads it instead of training.
@@ -24,17 +24,8 @@ import numpy as np
 
 import convert
 import lora
-from minimind_jax import MiniMindForCausalLM
-from minimind_jax.generate import generate
-from minimind_jax.tokenizer import load_tokenizer
-from train.batch import IGNORE
-from train.config import BUNDLED_DATA, RunConfig
-from train.data import load_sft_dataset
-from train.job import load_base
-from train.prompts import answer
-from train.resume import adapter_path
-from train.run import run
-from train.step import make_eval_loss
+from minimind_jax import MiniMindForCausalLM, generate, load_tokenizer
+from train import BUNDLED_DATA, IGNORE, RunConfig, adapter_path, answer, load_sft_dataset, make_eval_loss, run
 
 HERE = Path(__file__).resolve().parent
 DATA = {"identity": BUNDLED_DATA, "capitals": HERE / "data" / "capitals.jsonl"}
@@ -65,7 +56,9 @@ class Lab:
 
     def __init__(self, args: argparse.Namespace):
         self.args, self.out = args, Path(args.out)
-        self.config, self.params, _ = load_base(self.run_config("identity"))
+        a = args  # the base every adapter of these flags is trained on (train.run's, for a run without --from_weight)
+        self.config, self.params, _ = convert.load_base(None, hidden_size=a.hidden_size,
+                                                        num_hidden_layers=a.num_hidden_layers, seed=a.seed)
         self.model = MiniMindForCausalLM(self.config)
         self.tokenizer = load_tokenizer()
         key = json.dumps(self.config.to_dict(), sort_keys=True)

@@ -19,8 +19,8 @@ import numpy as np
 
 import lora
 from common import Lab, parser, table
-from minimind_jax.model import nll_sum
-from train.batch import IGNORE
+from minimind_jax import nll_sum
+from train import IGNORE
 
 
 def main(argv=None) -> dict:
