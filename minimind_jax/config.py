@@ -120,24 +120,10 @@ class MiniMindConfig:
         return cls(**{"family": "minimind2", "hidden_size": 512, "num_hidden_layers": 8, **kw})
 
     @classmethod
-    def minimind2(cls, **kw) -> "MiniMindConfig":
-        """MiniMind2, 104M: 768x16."""
-        return cls(**{"family": "minimind2", "hidden_size": 768, "num_hidden_layers": 16, **kw})
-
-    @classmethod
-    def minimind2_moe(cls, **kw) -> "MiniMindConfig":
-        """MiniMind2-MoE, 145M: 640x8, 4 routed experts (top-2) + 1 shared."""
-        return cls(**{"family": "minimind2", "hidden_size": 640, "num_hidden_layers": 8, "use_moe": True, **kw})
-
-    @classmethod
     def minimind3(cls, **kw) -> "MiniMindConfig":
         """MiniMind-3 defaults: 768x8, 8 heads, 4 kv heads, q/k-norm, tied embeddings."""
         return cls(**{"family": "minimind3", "hidden_size": 768, "num_hidden_layers": 8,
                       "num_key_value_heads": 4, **kw})
-
-    @classmethod
-    def minimind3_moe(cls, **kw) -> "MiniMindConfig":
-        return cls.minimind3(**{"use_moe": True, **kw})
 
     def replace(self, **kw) -> "MiniMindConfig":
         return dataclasses.replace(self, **kw)

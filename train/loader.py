@@ -149,10 +149,6 @@ class SFTLoader:
             n, per = len(self.ds), self.batch_size
         return n // per if self.drop_last else -(-n // per)
 
-    def host_samples(self, epoch: int, step: int) -> list:
-        """This host's share of global step `step`: a list of rows, each a list of sample indices."""
-        return self._layout(epoch, step)[0]
-
     def _layout(self, epoch: int, step: int) -> tuple[list, int]:
         """-> (rows of sample indices, how many of them are full-length: the rest are tail_len rows, last) of this
         host's batch `step`: packed once per call."""

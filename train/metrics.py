@@ -7,8 +7,6 @@ import os
 from pathlib import Path
 from typing import Optional
 
-FIELDS = ("step", "epoch", "loss", "aux_loss", "lr", "grad_norm", "tokens_per_s")
-
 
 class MetricsWriter:
     """One JSON object per log step, flushed as written. A fresh run starts a new file; a resumed run keeps the
