@@ -56,11 +56,12 @@ def load_base(cfg: RunConfig, shapes_only: bool = False):
 
 
 def make_adapter(cfg: RunConfig, params):
-    """-> (adapter, note): --from_lora's adapter (checked against the base), or a new one (seed --seed + 1)."""
+    """-> (adapter, note): --from_lora's adapter (checked against the base), or a new one (seed --seed + 1).
+    `params` may be shapes: a new adapter is then made with jax.eval_shape by the caller."""
     if cfg.from_lora:
         adapter = convert.load_adapter(cfg.from_lora)
         try:
-            lora.merge(params, adapter)  # shape check against the base (cheap for the sizes involved)
+            jax.eval_shape(lora.merge, params, adapter)  # shapes checked against the base (arrays or shapes)
         except (KeyError, ValueError) as e:
             raise ConfigError(f"--from_lora {cfg.from_lora} does not fit the base model: {e}") from None
         ranks = sorted(set(adapter.ranks.values()))

@@ -49,7 +49,7 @@ def make_members(cfg: RunConfig, params, config) -> tuple[list[Member], str]:
     members, note = [], ""
     for tag, settings in points:
         mcfg = dataclasses.replace(cfg, sweep=None, **settings)
-        if _shapes(params):
+        if _shapes(params) and not cfg.from_lora:  # a new adapter's shapes, without making it
             init = jax.eval_shape(lambda p: job_lib.make_adapter(mcfg, p)[0], params)
         else:
             init, note = job_lib.make_adapter(mcfg, params)
@@ -102,12 +102,7 @@ def init_states(members: list[Member], tx):
 
 
 def _pad(adapter: lora_lib.Adapter, top: lora_lib.Adapter, keep_scale: bool) -> lora_lib.Adapter:
-    def pad(ab, ref):
-        extra = ref["A"].shape[-1] - ab["A"].shape[-1]
-        return {"A": jnp.pad(ab["A"], ((0, 0), (0, extra))), "B": jnp.pad(ab["B"], ((0, extra), (0, 0)))}
-
-    weights = jax.tree.map(pad, adapter.weights, top.weights, is_leaf=lora_lib.is_factors)
-    return adapter.replace(weights=weights) if keep_scale else lora_lib.Adapter(weights, targets=adapter.targets)
+    return lora_lib.pad_ranks(adapter if keep_scale else adapter.replace(alpha=None, rslora=False), top)
 
 
 def member_adapters(members: list[Member], state, host: bool = False) -> list[lora_lib.Adapter]:

@@ -210,9 +210,8 @@ def apply_gain(adapter: lora_lib.Adapter, gain) -> lora_lib.Adapter:
     """The adapter with each rank column of A and row of B multiplied by `gain`'s factor ({module: {"A": [r],
     "B": [r]}}): a rank sweep pads its members to one rank, and a 0 there keeps the padded part out of the forward
     pass and its gradient at exactly 0; B's factor also carries the member's own scale."""
-    is_ab = lambda x: isinstance(x, dict) and "A" in x and "B" in x
     weights = jax.tree.map(lambda ab, g: {"A": ab["A"] * g["A"][None, :], "B": ab["B"] * g["B"][:, None]},
-                           adapter.weights, gain, is_leaf=is_ab)
+                           adapter.weights, gain, is_leaf=lora_lib.is_factors)
     return adapter.replace(weights=weights)
 
 
