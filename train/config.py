@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 BUNDLED_DATA = Path(__file__).resolve().parent / "assets" / "lora_identity.jsonl"  # package data
+BUNDLED_EVAL = BUNDLED_DATA.with_name("lora_identity_eval.jsonl")  # its held-out questions (train.make_identity)
 PROMPTS = ("你是谁？", "Who are you?")
 # The bundled demo (random-init base, bundled data): settings that make the adapter visibly take effect quickly.
 # A random base has no language to build on, so the demo adapts every projection (MiniMind's square-kernel rule
@@ -30,9 +31,9 @@ PROMPTS = ("你是谁？", "Who are you?")
 # generation prompt (no random system prompt, empty think block kept). 8 samples a step give twice the updates per
 # epoch of 16, which is what lets 6 epochs learn the answers.
 DEMO = {"epochs": 6, "learning_rate": 3e-3, "batch_size": 8, "targets": "all-linear",
-        "add_system_ratio": 0.0, "empty_think_ratio": 1.0}
+        "add_system_ratio": 0.0, "empty_think_ratio": 1.0, "eval_data": str(BUNDLED_EVAL)}
 REAL = {"epochs": 10, "learning_rate": 1e-4, "batch_size": 32, "targets": "square",  # MiniMind's defaults
-        "add_system_ratio": 0.2, "empty_think_ratio": 0.2}
+        "add_system_ratio": 0.2, "empty_think_ratio": 0.2, "eval_data": ""}
 ACCEL_CHUNK_TOKENS = 8192  # rows per forward pass on accelerators, which want large matmuls
 CPU_CHUNK_TOKENS = 256  # the most tokens of short packed rows per device and pass on a CPU (job.rows_per_device)
 _POSITIVE = ("epochs", "batch_size", "accumulation_steps", "log_interval", "save_interval", "max_seq_len", "rank")
@@ -173,6 +174,21 @@ class RunConfig:
     compile_cache: str = opt("auto", "compiled programs kept for the next run with the same shapes and settings "
                                      "(JAX's persistent compilation cache): auto (default: $JAX_COMPILATION_CACHE_DIR "
                                      "if set, else ~/.cache/minimind_jax/xla), none, or a directory")
+    eval_data: Optional[str] = opt(None, "held-out chats (same jsonl format; comma-separated for several): the eval "
+                                         "loss is measured on them at every --eval_interval; default none (the bundled "
+                                         "demo: its held-out identity questions)")
+    eval_ratio: float = opt(0.0, "hold out this share of --data_path's samples (chosen by --seed) as the eval set "
+                                 "instead of --eval_data; they never reach a training batch")
+    eval_interval: int = opt(0, "evaluate every N micro-steps and at the last step; 0 = at each epoch's end")
+    general_data: Optional[str] = opt(None, "chats standing for what the base should keep: at each evaluation the "
+                                            "base's and the adapted model's loss on them, their difference "
+                                            "(forgetting) and the mean per-token KL(adapted || base)")
+    save_best: bool = opt(False, "1: also keep the adapter with the lowest eval loss "
+                                 "(<save_dir>/<lora_name>_best_<hidden>.ckpt)", **_01)
+    early_stop: int = opt(0, "stop after this many evaluations without a lower eval loss, saving as a finished run "
+                             "does (0 = never)")
+    warmup_ratio: float = opt(0.0, "ramp the learning rate up linearly over this share of the steps, into "
+                                   "MiniMind's cosine (0 = MiniMind's schedule)")
     prompts: str = opt("|".join(PROMPTS), "'|'-separated prompts answered greedily before and after training")
     max_new_tokens: int = opt(64, "answer length for --prompts; 0 skips the answers")
     cpu_devices: int = opt(0, "CPU only: split the cores into this many data-parallel XLA devices; 0 (default) = "
@@ -189,6 +205,8 @@ class RunConfig:
                                  action="append", metavar="KEY=V1,V2,...")
 
     def __post_init__(self):
+        if self.eval_data is None and self.eval_ratio > 0:
+            object.__setattr__(self, "eval_data", "")  # the split is the eval set, not the demo's held-out file
         for k, v in (DEMO if self.demo else REAL).items():
             if getattr(self, k) is None:
                 object.__setattr__(self, k, v)  # frozen: the one place a field is filled in
@@ -206,9 +224,37 @@ class RunConfig:
             raise ConfigError(f"--rows_per_device must be >= 0, got {self.rows_per_device}")
         if self.dtype not in (None, "bfloat16", "float32"):
             raise ConfigError(f"--dtype must be bfloat16 or float32, got {self.dtype!r}")
+        self._check_eval()
         if self.sweep is not None and self.from_lora and {"seed", "rank"} & set(self.sweep.keys()):
             raise ConfigError(f"--sweep {self.sweep}: seed and rank choose each member's new adapter; with "
                               "--from_lora every member starts from that one (sweep learning_rate instead)")
+
+    def _check_eval(self) -> None:
+        if not 0 <= self.eval_ratio < 1:
+            raise ConfigError(f"--eval_ratio must be in [0, 1), got {self.eval_ratio}")
+        if self.eval_ratio > 0 and self.eval_paths:
+            raise ConfigError("--eval_data and --eval_ratio both give an eval set: pass one")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        for k in ("eval_interval", "early_stop"):
+            if getattr(self, k) < 0:
+                raise ConfigError(f"--{k} must be >= 0, got {getattr(self, k)}")
+        if (self.save_best or self.early_stop) and not self.evaluates:
+            flag = "--save_best" if self.save_best else "--early_stop"
+            raise ConfigError(f"{flag} needs an eval set: --eval_data PATH or --eval_ratio R")
+
+    @property
+    def eval_paths(self) -> list[str]:
+        return [s for s in (self.eval_data or "").split(",") if s]
+
+    @property
+    def general_paths(self) -> list[str]:
+        return [s for s in (self.general_data or "").split(",") if s]
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether the run measures an eval loss (an eval set: --eval_data or --eval_ratio)."""
+        return self.eval_ratio > 0 or bool(self.eval_paths)
 
     @property
     def random_base(self) -> bool:

@@ -20,6 +20,7 @@ seed are not part of the key.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -106,6 +107,12 @@ class SFTDataset:
     def __repr__(self):
         return (f"SFTDataset({len(self)} samples from {self.files}, max_seq_len={self.max_seq_len}, "
                 f"bad_lines={self.num_bad_lines}, cache={self.cache_path})")
+
+    def subset(self, idx) -> "SFTDataset":
+        """The samples at `idx` (an eval split): the same token store, the per-sample arrays indexed."""
+        per_sample = ("keep_off", "keep_len", "drop_off", "drop_len", "full_len", "can_add_system", "has_empty_think",
+                      "file_idx", "line")
+        return dataclasses.replace(self, **{k: getattr(self, k)[idx] for k in per_sample})
 
     def source(self, i: int) -> str:
         return f"{self.files[self.file_idx[i]]}:{self.line[i]}"

@@ -52,10 +52,20 @@ class StepPoint:
 class Hook:
     """Where the training loop calls out. Subclass and override; the loop calls every hook in order."""
 
+    def before_loop(self, loop: "Loop", state) -> None:
+        """Before the first step (`loop.resumed_at` is the resumed global step, None for a fresh run)."""
+
     def after_step(self, loop: "Loop", state, at: StepPoint) -> bool:
-        """After every micro-step, its log and its save. `state` is the stacked train state, donated to the next
-        step: copy what must outlive it. Return True to stop training here (saved as a finished run is)."""
+        """After every micro-step and its log, before its save. `state` is the stacked train state, donated to the
+        next step: copy what must outlive it. Return True to stop training here (saved as a finished run is)."""
         return False
+
+    def state_dict(self) -> Optional[dict]:
+        """What the hook must carry over a resume (saved with the resume state; JSON); None: nothing."""
+        return None
+
+    def load_state_dict(self, state: dict) -> None:
+        """A resumed run's: what `state_dict` returned when the state it resumes from was saved."""
 
 
 class OnStep(Hook):
@@ -73,14 +83,19 @@ class Loop:
     """One pass of the loop over a job's positions: its metrics files, the log steps' records per member
     (`history[i]`), and what was saved last. The train state itself stays an explicit value, passed through."""
 
-    def __init__(self, job, resumed_at: Optional[int], hooks=()):
-        self.job, self.hooks = job, list(hooks)
+    def __init__(self, job, resumed_at: Optional[int], hooks=(), hook_states: Optional[dict] = None):
+        self.job, self.hooks, self.resumed_at = job, list(hooks), resumed_at
+        for h in self.hooks:
+            if (hook_states or {}).get(type(h).__name__) is not None:
+                h.load_state_dict(hook_states[type(h).__name__])
         tb = lambda m: Path(job.cfg.save_dir) / "tensorboard" / m.name if job.cfg.tensorboard else None
         self.metrics = [MetricsWriter(m.metrics_file, resume_step=resumed_at, tensorboard_dir=tb(m),
                                       enabled=jax.process_index() == 0) for m in job.members]
         log(self.metrics[0].note)
         self.history = [[] for _ in job.members]
         self.last_saved = self.done = self.saved = None
+        self.postfix: dict = {}  # the progress bar's: the last log step's figures
+        self.postfix_extra: dict = {}  # and what hooks add (the eval loss)
         self.window = {"tokens": 0, "t0": time.time(), "start": time.time()}  # throughput since the last log step
 
     def close(self) -> None:
@@ -95,10 +110,12 @@ class Loop:
         prefetch = Prefetcher(batches.loader, positions, batches.prepare)
         self.window.update(t0=time.time(), start=time.time())
         try:
+            for h in self.hooks:
+                h.before_loop(self, state)
             for epoch, s0, (arrays, n_chunks, cap, stats) in prefetch:
                 s = s0 + 1  # MiniMind counts steps from 1 within the epoch
                 at = StepPoint(epoch, s, int(batches.offsets[epoch]) + s, s == batches.iters[epoch])
-                batch, n_chunks, cap, signum = _device_batch(job.mesh, arrays, n_chunks, cap, stop.signal or 0)
+                batch, n_chunks, cap, signum = device_batch(job.mesh, arrays, n_chunks, cap, stop.signal or 0)
                 if signum:
                     self._stop(state, signum)
                 state, m = job.train_step(state, job.params, batch, np.int32(n_chunks), job.lrs(at.global_step),
@@ -107,13 +124,12 @@ class Loop:
                 self.window["tokens"] += stats["tokens"] * jax.process_count()
                 bar.update(1)
                 if s % job.cfg.log_interval == 0 or at.end_of_epoch:
-                    bar.set_postfix(self._log(jax.device_get(m), at, stats))
-                if s % job.cfg.save_interval == 0 or at.end_of_epoch:
-                    self.save(state)
+                    self._log(jax.device_get(m), at, stats)
                 stoppers = [type(h).__name__ for h in self.hooks if h.after_step(self, state, at)]
+                bar.set_postfix({**self.postfix, **self.postfix_extra}, refresh=False)
+                if stoppers or s % job.cfg.save_interval == 0 or at.end_of_epoch:
+                    self.save(state)
                 if stoppers:  # saved as a finished run is
-                    if self.saved != at:
-                        self.save(state)
                     log(f"stopped by {', '.join(stoppers)} after {batches.where(at.global_step)}")
                     break
             self.check_finite(state.bad_step)
@@ -127,8 +143,8 @@ class Loop:
             bar.close()
         return state
 
-    def _log(self, m: dict, at: StepPoint, stats: dict) -> dict:
-        """A log step: each training member's metrics record and one console line; -> the progress bar's postfix."""
+    def _log(self, m: dict, at: StepPoint, stats: dict) -> None:
+        """A log step: each training member's metrics record, one console line, the progress bar's postfix."""
         job = self.job
         self.check_finite(m["bad_step"])
         now = time.time()
@@ -154,9 +170,10 @@ class Loop:
             r = self.history[0][-1]
             log(f"{head} loss: {r['loss']:.4f} aux_loss: {r['aux_loss']:.4f} lr: {r['lr']:.8f} grad_norm: "
                 f"{r['grad_norm']:.4f} tokens/s: {tokens_per_s:.0f}")
-            return {"loss": f"{r['loss']:.4f}", "lr": f"{r['lr']:.2e}", "tok_s": f"{tokens_per_s:.0f}"}
+            self.postfix = {"loss": f"{r['loss']:.4f}", "lr": f"{r['lr']:.2e}", "tok_s": f"{tokens_per_s:.0f}"}
+            return
         log(f"{head} loss: {' | '.join(shown)} tokens/s: {tokens_per_s:.0f}")
-        return {"loss": f"{min(losses):.4f}..{max(losses):.4f}", "tok_s": f"{tokens_per_s:.0f}"}
+        self.postfix = {"loss": f"{min(losses):.4f}..{max(losses):.4f}", "tok_s": f"{tokens_per_s:.0f}"}
 
     def check_finite(self, bad_step) -> None:
         """Raise TrainingDiverged once every member has had a non-finite loss (each froze at its last good state;
@@ -182,9 +199,10 @@ class Loop:
         self.check_finite(state.bad_step)
         nxt = (at.epoch + 1, 0) if at.end_of_epoch else (at.epoch, at.step)  # where a resumed run starts
         state_dir = f"{job.resume.directory}/{at.global_step}"
+        hooks = {type(h).__name__: h.state_dict() for h in self.hooks if h.state_dict() is not None}
         try:
             job.resume.save(at.global_step, state.to_tree(),
-                            {"epoch": nxt[0], "step": nxt[1], "run": job.run_meta,
+                            {"epoch": nxt[0], "step": nxt[1], "run": job.run_meta, "hooks": hooks,
                              "loader": {**job.batches.loader.state_dict(), "epoch": nxt[0], "step": nxt[1]}})
         except Exception as e:
             if not disk_full(e):
@@ -226,7 +244,7 @@ class Loop:
         raise Interrupted(f"{signal.Signals(signum).name}: stopped after {where}; {saved}", signum)
 
 
-def _device_batch(mesh, arrays: dict, n_chunks: int, cap, signum: int):
+def device_batch(mesh, arrays: dict, n_chunks: int, cap, signum: int):
     """This host's chunks -> global arrays on the mesh (and the step's n_chunks and cap), and the stop signal
     any process received (0 = none)."""
     if jax.process_count() > 1:  # every host must pick the same static shapes and loop length, and stop together

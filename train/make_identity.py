@@ -1,7 +1,10 @@
-"""Write train/assets/lora_identity.jsonl: a small zh + en identity SFT set in MiniMind's jsonl format.
+"""Write train/assets/lora_identity.jsonl, a small zh + en identity SFT set in MiniMind's jsonl format, and
+train/assets/lora_identity_eval.jsonl, its held-out set.
 
 Deterministic (random.Random(0)): question phrasings x answer phrasings (all pairs by default), plus a few
-multi-turn and system-prompted conversations. Run: `python -m train.make_identity [--out PATH] [--n N]`.
+multi-turn and system-prompted conversations. The held-out set asks the same things in phrasings that no training
+sample uses (HELD_OUT), each with one of its group's answers: a model that only recites its training questions does
+no better on it than the base. Run: `python -m train.make_identity [--out PATH] [--eval_out PATH] [--n N]`.
 """
 from __future__ import annotations
 
@@ -77,6 +80,17 @@ GROUPS = {
 GREETINGS = [("你好", "你好！我是MiniMind，有什么可以帮你的吗？"),
              ("Hello", "Hello! I'm MiniMind. How can I help you today?"),
              ("嗨", "嗨！我是MiniMind，很高兴和你聊天。"), ("Hi there", "Hi! I am MiniMind, a small AI assistant.")]
+# Questions that no training sample asks, per group of GROUPS.
+HELD_OUT = {
+    "who_zh": ["可以告诉我你是谁吗？", "你究竟是什么人？", "请做一下自我介绍。"],
+    "who_en": ["Could you tell me who you are?", "May I know your name?", "Please introduce yourself briefly."],
+    "maker_zh": ["你是由谁开发出来的？", "你的开发者是谁？"],
+    "maker_en": ["Who developed you?", "Who is behind you?"],
+    "other_zh": ["你是Claude吗？", "你和GPT有关系吗？"],
+    "other_en": ["Are you Gemini?", "Are you a version of GPT?"],
+    "can_zh": ["你都能帮我干些什么？", "你有哪些本领？"],
+    "can_en": ["What kind of help can you offer?", "What are you able to do?"],
+}
 SYSTEMS = ["你是一个乐于助人的助手。", "You are a helpful assistant.", "请用简洁的语言回答。", "Answer briefly."]
 
 
@@ -99,17 +113,32 @@ def make(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
+def make_held_out(seed: int = 0) -> list[dict]:
+    """Each HELD_OUT question with one of its group's answers (chosen by `seed`): the first question of every group,
+    then the second, ... (so the file starts with a zh and an en question)."""
+    rng = random.Random(seed)
+    return [{"conversations": [{"role": "user", "content": HELD_OUT[g][k]},
+                               {"role": "assistant", "content": rng.choice(GROUPS[g][1])}]}
+            for k in range(max(map(len, HELD_OUT.values()))) for g in GROUPS if k < len(HELD_OUT[g])]
+
+
+def _write(rows: list, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    print(f"wrote {len(rows)} conversations to {path}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "assets" / "lora_identity.jsonl"))
+    assets = Path(__file__).resolve().parent / "assets"
+    ap.add_argument("--out", default=str(assets / "lora_identity.jsonl"))
+    ap.add_argument("--eval_out", default=str(assets / "lora_identity_eval.jsonl"), help="the held-out set")
     ap.add_argument("--n", type=int, default=None, help="single-turn conversations (default: all question x answer "
                     "pairs), plus n/8 multi-turn and n/8 system-prompted ones")
     args = ap.parse_args()
-    rows = make(args.n if args.n is not None else sum(len(q) * len(a) for q, a in GROUPS.values()))
-    with open(args.out, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    print(f"wrote {len(rows)} conversations to {args.out}")
+    _write(make(args.n if args.n is not None else sum(len(q) * len(a) for q, a in GROUPS.values())), args.out)
+    _write(make_held_out(), args.eval_out)
 
 
 if __name__ == "__main__":

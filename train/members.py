@@ -38,8 +38,8 @@ class Member:
     metrics_file: Path
 
     def lr(self, g: int, total: int) -> float:
-        """Its learning rate at global micro-step g (1-based): MiniMind's schedule."""
-        return step_lib.get_lr(g, total, self.cfg.learning_rate)
+        """Its learning rate at global micro-step g (1-based): MiniMind's schedule (after --warmup_ratio's ramp)."""
+        return step_lib.get_lr(g, total, self.cfg.learning_rate, round(self.cfg.warmup_ratio * total))
 
 
 def make_members(cfg: RunConfig, params, config) -> tuple[list[Member], str]:

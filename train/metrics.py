@@ -61,22 +61,11 @@ def read_metrics(path) -> list[dict]:
     return [json.loads(ln) for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
 
 
-def plot_loss(metrics_path, png_path, title: str = "") -> Optional[str]:
-    """Write the loss curve; returns None on success, else a one-line reason it was skipped."""
-    rows = read_metrics(metrics_path)
-    curves = {"loss": rows}
-    if any(r.get("aux_loss") for r in rows):
-        curves["aux_loss"] = [{"step": r["step"], "loss": r["aux_loss"]} for r in rows]
-    return _plot(curves, png_path, title)
-
-
-def plot_losses(metrics_paths: dict, png_path, title: str = "") -> Optional[str]:
-    """Several runs' loss curves in one plot ({label: metrics file}, a sweep's members); None or why skipped."""
-    return _plot({label: read_metrics(p) for label, p in metrics_paths.items()}, png_path, title)
-
-
-def _plot(curves: dict, png_path, title: str) -> Optional[str]:
-    """{label: [{"step", "loss"}, ...]} -> one PNG, written atomically (a legend when there are several)."""
+def plot_loss(metrics_paths: dict, png_path, title: str = "") -> Optional[str]:
+    """The curves of one run or a sweep's members ({label: metrics file}; a plain run's label is ""): training loss at
+    each log step, eval loss at each evaluation (dashed, with markers), and, when the run measured forgetting, a
+    second panel with what the adapter costs the base (adapted minus base loss on the general data, and the KL).
+    -> None, or the one-line reason the PNG was skipped."""
     try:
         import matplotlib
 
@@ -84,17 +73,32 @@ def _plot(curves: dict, png_path, title: str) -> Optional[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed; skipped the loss-curve PNG (pip install matplotlib)"
-    if not any(curves.values()):
+    runs = {label: read_metrics(p) for label, p in metrics_paths.items()}
+    if not any(runs.values()):
         return "no metrics logged; skipped the loss-curve PNG"
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label, rows in curves.items():
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=label)
-    if len(curves) > 1:
-        ax.legend(fontsize="small")
-    ax.set_xlabel("step")
+    general = any("kl" in r for rows in runs.values() for r in rows)
+    fig, axes = plt.subplots(2 if general else 1, 1, figsize=(7, 6.5 if general else 4), sharex=True, squeeze=False)
+    ax = axes[0, 0]
+    for n, (label, rows) in enumerate(runs.items()):
+        color, name = f"C{n % 10}", (label + " ") if label else ""
+        train = [r for r in rows if "loss" in r]
+        _line(ax, train, "loss", f"{name}train", color, "-", len(train) <= 30)
+        if any(r.get("aux_loss") for r in train) and len(runs) == 1:
+            _line(ax, train, "aux_loss", "aux_loss", "C7", "-", len(train) <= 30)
+        _line(ax, [r for r in rows if "eval_loss" in r], "eval_loss", f"{name}eval", color, "--", True)
+        if general:
+            gen = [r for r in rows if "kl" in r]
+            _line(axes[1, 0], gen, "forgetting", f"{name}general loss - base", color, "-", True)
+            _line(axes[1, 0], gen, "kl", f"{name}KL(adapted || base)", color, ":", True)
     ax.set_ylabel("loss")
     ax.set_title(title, fontsize="medium" if len(title) < 70 else "small")  # a sweep's title lists its values
-    ax.grid(alpha=0.3)
+    for a in axes[:, 0]:
+        a.grid(alpha=0.3)
+        a.legend(fontsize="small")
+    if general:
+        axes[1, 0].axhline(0, color="k", lw=0.5)
+        axes[1, 0].set_ylabel("cost to the base (nats/token)")
+    axes[-1, 0].set_xlabel("step")
     fig.tight_layout()
     png_path = Path(png_path)
     tmp = png_path.with_name(png_path.stem + ".tmp.png")
@@ -102,3 +106,9 @@ def _plot(curves: dict, png_path, title: str) -> Optional[str]:
     plt.close(fig)
     os.replace(tmp, png_path)
     return None
+
+
+def _line(ax, rows: list, key: str, label: str, color: str, style: str, markers: bool) -> None:
+    if rows:
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows], style, color=color, label=label,
+                marker="o" if markers else None, markersize=3)

@@ -52,9 +52,11 @@ from train.sharding import AXIS
 # ------------------------------------------------------------------------------------------- schedule
 
 
-def get_lr(step: int, total_steps: int, lr: float) -> float:
-    """MiniMind's cosine schedule with a 10% floor: lr at `step` (1-based) of `total_steps`."""
-    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / total_steps)))
+def get_lr(step: int, total_steps: int, lr: float, warmup_steps: int = 0) -> float:
+    """MiniMind's cosine schedule with a 10% floor: lr at `step` (1-based) of `total_steps`; with warmup_steps, the
+    first of them ramp linearly into it (lr * min(1, step / warmup_steps) * cosine)."""
+    ramp = min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
+    return ramp * lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / total_steps)))
 
 
 # ------------------------------------------------------------------------------------------- optimizer
@@ -191,14 +193,20 @@ def make_train_step(model, tx, *, gain=None, accumulation_steps: int = 1, grad_c
                      mesh=getattr(state_sharding, "mesh", None), labels_only=labels_only)
 
     def step(states, params, chunks, n_chunks, lrs, *, cap, update):
-        one = lambda state, lr, g: body(state, params, chunks, n_chunks, lr, cap=cap, update=update, gain=g)
-        if gain is None and jax.tree.leaves(states)[0].shape[0] == 1:
-            out = one(jax.tree.map(lambda x: x[0], states), lrs[0], None)
-            return jax.tree.map(lambda x: x[None], out)
-        return jax.vmap(one)(states, lrs, gain)
+        return map_members(lambda state, lr, g: body(state, params, chunks, n_chunks, lr, cap=cap, update=update,
+                                                     gain=g), gain, states, lrs)
 
     jit_kw = {} if state_sharding is None else {"out_shardings": (state_sharding, state_sharding)}
     return jax.jit(step, static_argnames=("cap", "update"), donate_argnums=(0,), **jit_kw)
+
+
+def map_members(one, gain, *stacked):
+    """one(*member's slices, member's gain) over the members' axis of `stacked` (trees [N, ...]): jax.vmap, or for
+    one member and no gain the function itself on the squeezed trees (the program a single adapter compiles to)."""
+    if gain is None and jax.tree.leaves(stacked[0])[0].shape[0] == 1:
+        out = one(*jax.tree.map(lambda x: x[0], stacked), None)
+        return jax.tree.map(lambda x: x[None], out)
+    return jax.vmap(one)(*stacked, gain)
 
 
 def stack_states(states: list) -> TrainState:

@@ -1,6 +1,7 @@
 """What a run returns: one typed record per member (a plain run is a sweep of one) and the run's own figures."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -17,6 +18,17 @@ class MemberSummary:
     metrics_path: str
     answers_after: list = field(default_factory=list)
     diverged_at: Optional[int] = None  # the first global step with a non-finite loss
+    eval_history: list = field(default_factory=list)  # each evaluation's record (step 0: before training)
+    best_eval_step: Optional[int] = None  # the step of the lowest eval loss
+    best_path: Optional[str] = None  # --save_best's adapter
+
+    @property
+    def eval_losses(self) -> list:
+        return [r["eval_loss"] for r in self.eval_history if "eval_loss" in r]
+
+    @property
+    def best_eval_loss(self) -> Optional[float]:
+        return min(self.eval_losses) if self.eval_losses else None
 
     @property
     def losses(self) -> list:
@@ -34,10 +46,12 @@ class MemberSummary:
     def row(self, time_s: float) -> dict:
         """The member's row of the sweep table (and its JSON)."""
         best = self.best
+        evals = self.eval_losses
         return {"member": self.tag, "settings": self.settings, "final_loss": self.final_loss,
                 "best_loss": best["loss"] if best else None, "best_step": best["step"] if best else None,
-                "diverged_at": self.diverged_at, "time_s": round(time_s, 1), "adapter": self.adapter_path,
-                "metrics": self.metrics_path}
+                "eval_loss": evals[-1] if evals else None, "best_eval_loss": self.best_eval_loss,
+                "best_eval_step": self.best_eval_step, "diverged_at": self.diverged_at, "time_s": round(time_s, 1),
+                "adapter": self.adapter_path, "best_adapter": self.best_path, "metrics": self.metrics_path}
 
 
 @dataclass
@@ -85,21 +99,37 @@ class RunSummary:
     def member(self, tag: str) -> MemberSummary:
         return next(m for m in self.members if m.tag == tag)
 
+    def ranked(self) -> list:
+        """The members best first: by their lowest eval loss when the run has an eval set, else in --sweep's order
+        (a training loss rewards the member that memorises most); diverged members last."""
+        key = lambda m: (m.diverged_at is not None, m.best_eval_loss if m.best_eval_loss is not None else math.inf)
+        return sorted(self.members, key=key) if any(m.eval_history for m in self.members) else list(self.members)
+
     def table(self) -> dict:
-        """The sweep table: the run's figures and one row per member."""
+        """The sweep table: the run's figures and one row per member, best first (`ranked`)."""
+        ranked = self.ranked()
+        best = ranked[0].tag if ranked and ranked[0].best_eval_loss is not None else None
         return {"sweep": self.sweep, "steps": self.steps, "time_s": round(self.time_s, 1),
-                "compile_s": round(self.compile_s, 2), "members": [m.row(self.time_s) for m in self.members]}
+                "compile_s": round(self.compile_s, 2), "best_member": best,
+                "members": [m.row(self.time_s) for m in ranked]}
 
 
 def summary_lines(table: dict) -> list[str]:
     """A sweep's table as printed: member, final loss, best loss (its step), what happened."""
     fmt = lambda x: "-" if x is None else f"{x:.4f}"
     width = max(len("member"), *(len(r["member"]) for r in table["members"]))
-    lines = [f"{'member':<{width}}  final loss  best loss (step)  status"]
+    evals = table["best_member"] is not None
+    head = f"{'member':<{width}}  final loss  best loss (step)" + ("  eval loss  best eval (step)" if evals else "")
+    lines = [head + "  status"]
     for r in table["members"]:
         status = "ok" if r["diverged_at"] is None else f"diverged at step {r['diverged_at']}"
         best = f"{fmt(r['best_loss'])} ({r['best_step']})" if r["best_step"] is not None else "-"
-        lines.append(f"{r['member']:<{width}}  {fmt(r['final_loss']):>10}  {best:>16}  {status}")
+        line = f"{r['member']:<{width}}  {fmt(r['final_loss']):>10}  {best:>16}"
+        if evals:
+            best_eval = "-" if r["best_eval_step"] is None else f"{fmt(r['best_eval_loss'])} ({r['best_eval_step']})"
+            line += f"  {fmt(r['eval_loss']):>9}  {best_eval:>16}"
+        lines.append(f"{line}  {status}")
     lines.append(f"{len(table['members'])} adapters trained together in {table['time_s']:.0f} s ({table['steps']} "
-                 f"steps, one compiled step: {table['compile_s']:.1f} s to compile)")
+                 f"steps, one compiled step: {table['compile_s']:.1f} s to compile)"
+                 + (f"; lowest eval loss: {table['best_member']}" if evals else ""))
     return lines

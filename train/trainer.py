@@ -22,7 +22,8 @@ import convert
 from minimind_jax import MiniMindForCausalLM
 from minimind_jax.config import compute_dtype
 from minimind_jax.model import init_params
-from train import compile_cache, finish, job as job_lib, members as members_lib, sharding, step as step_lib
+from train import compile_cache, evaluation, finish, job as job_lib, members as members_lib, sharding, \
+    step as step_lib
 from train.config import RunConfig
 from train.loop import Hook, Loop, OnStep, log
 from train.resume import ResumeError, ResumeManager, resume_dir
@@ -48,6 +49,8 @@ class Job:
     resume: ResumeManager
     run_meta: dict  # settings saved with the resume state (RESUME_KEYS must match to resume)
     members: tuple  # train.members.Member, in --sweep's order (one for a plain run)
+    model: Any  # the MiniMindForCausalLM the step runs
+    eval_sets: tuple = ()  # train.evaluation.EvalSet: held-out, general (either may be None)
 
     def lrs(self, g: int) -> np.ndarray:
         """The members' learning rates at global micro-step g (1-based): MiniMind's schedule, [N]."""
@@ -76,8 +79,10 @@ def run(cfg: RunConfig, *, on_step: Optional[Callable[[int, Any], None]] = None,
 def drive(job: Job, state, hooks: Sequence[Hook] = (), t_start: Optional[float] = None) -> RunSummary:
     """A set-up job from its fresh state to its summary: resume, answers before, the loop, the end."""
     t_start = time.time() if t_start is None else t_start
+    if any(job.eval_sets):
+        hooks = [evaluation.Evaluator(job, *job.eval_sets), *hooks]
     try:
-        state, (epoch0, step0), resumed_at = restore(job, state)
+        state, (epoch0, step0), resumed_at, hook_states = restore(job, state)
         positions = job.batches.positions(epoch0, step0)
         if positions and jax.process_count() == 1:  # compile the first batch's step while the prompts are answered
             e, s = positions[0]
@@ -86,7 +91,7 @@ def drive(job: Job, state, hooks: Sequence[Hook] = (), t_start: Optional[float] 
         answers_before = []
         if job.cfg.prompt_list and resumed_at is None:  # the members start alike (B = 0, or one --from_lora)
             answers_before = finish.answers(job, job.members[0].init, "[before]")
-        loop = Loop(job, resumed_at, hooks)
+        loop = Loop(job, resumed_at, hooks, hook_states)
         try:
             state = loop.run(state, positions)
         finally:
@@ -120,7 +125,8 @@ def setup(cfg: RunConfig):
     resume = ResumeManager(resume_dir(cfg.save_dir, f"{cfg.lora_name}_sweep" if cfg.sweep else cfg.lora_name,
                                       ready.config))
     job = Job(cfg, ready.config, sharding.replicate(ready.params, mesh), ready.model.dtype, mesh, ready.tokenizer,
-              ready.batches, train_step, resume, ready.run_meta(top, len(members)), tuple(members))
+              ready.batches, train_step, resume, ready.run_meta(top, len(members)), tuple(members), ready.model,
+              ready.eval_sets)
     return job, state
 
 
@@ -148,6 +154,7 @@ class Prepared:
     ds: Any
     batches: job_lib.Batches
     model: Any
+    eval_sets: tuple  # (held-out, general): train.evaluation.EvalSet or None
 
     def with_base(self) -> "Prepared":
         """This with a random base given as shapes (prepare(shapes_only=True)) made; else this."""
@@ -164,7 +171,7 @@ class Prepared:
                 "learning_rate": cfg.learning_rate, "rank": cfg.rank, "targets": adapter.targets,
                 "alpha": adapter.alpha, "num_samples": len(ds), "base_fingerprint": convert.fingerprint(self.params),
                 "data_fingerprint": job_lib.data_fingerprint(ds), "sweep": str(cfg.sweep) if cfg.sweep else None,
-                "members": n_members}
+                "members": n_members, "eval_ratio": cfg.eval_ratio}
 
 
 def prepare(cfg: RunConfig, shapes_only: bool = False) -> Prepared:
@@ -186,24 +193,28 @@ def prepare(cfg: RunConfig, shapes_only: bool = False) -> Prepared:
         log(f"CPU split into {cpu_split} XLA devices for data parallelism (--cpu_devices 1 to keep one)")
     dtype = cfg.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     tokenizer, ds = job_lib.load_data(cfg, config)
+    ds, held, general = evaluation.held_out(cfg, tokenizer, ds)  # --eval_ratio's samples leave the training set
     batches = job_lib.plan_batches(cfg, config, ds)
+    sets = tuple(evaluation.make_eval_set(name, d, cfg, jax.local_device_count(), batches.rows_per_device)
+                 if d is not None else None
+                 for name, d in (("eval", held), ("general", general)))
     model = MiniMindForCausalLM(config, dtype=compute_dtype(dtype), remat=cfg.remat)
-    return Prepared(cfg, config, params, mesh, dtype, tokenizer, ds, batches, model)
+    return Prepared(cfg, config, params, mesh, dtype, tokenizer, ds, batches, model, sets)
 
 
 def restore(job: Job, state):
     """--from_resume 1: the saved state and where it stopped; a fresh run clears an earlier run's resume state.
-    -> (state, (epoch, step) to start at, 0-based; the resumed global step or None)."""
+    -> (state, (epoch, step) to start at, 0-based; the resumed global step or None; the hooks' saved states)."""
     resume = job.resume
     if not job.cfg.from_resume:
         if jax.process_index() == 0 and resume.latest_step() is not None:
             log(f"fresh run: replacing the earlier run's resume state in {resume.directory} (steps "
                 f"{resume.clear()}); --from_resume 1 continues a run instead")
-        return state, (0, 0), None
+        return state, (0, 0), None, {}
     step = resume.latest_step()
     if step is None:
         log(f"--from_resume 1: no checkpoint in {resume.directory}; starting from scratch")
-        return state, (0, 0), None
+        return state, (0, 0), None, {}
     saved = resume.read_meta(step)["run"]
     for k in RESUME_KEYS:  # before reading the arrays: a state of another run is refused by name
         if saved.get(k) != job.run_meta[k]:
@@ -215,7 +226,7 @@ def restore(job: Job, state):
     state = state.from_tree(jax.tree.map(lambda x: jax.device_put(x, rep), tree))
     epoch0, step0 = int(meta["epoch"]), int(meta["step"])
     log(f"resumed from {resume.directory}/{resumed_at}: epoch {epoch0 + 1}, step {step0 + 1}")
-    return state, (epoch0, step0), resumed_at
+    return state, (epoch0, step0), resumed_at, meta.get("hooks", {})
 
 
 def _precompile(train_step, batches: job_lib.Batches, mesh: Mesh, state, params, position, lrs, update: bool) -> None:
