@@ -219,7 +219,7 @@ class Evaluator(Hook):
             meta = {**job.adapter_meta(m, at.epoch + 1, at.step), "eval_loss": self.best[i],
                     "best_step": at.global_step}
             convert.save_adapter(adapters[i], best_path(job, m), metadata=meta, overwrite=True)
-        log(f"[eval] lowest eval loss so far, kept: " + ", ".join(
+        log("[eval] lowest eval loss so far, kept: " + ", ".join(
             f"{best_path(job, job.members[i]).name} ({self.best[i]:.4f})" for i in improved))
 
     def samples(self, k: int = 2) -> list[tuple[str, str]]:
