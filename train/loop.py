@@ -94,6 +94,7 @@ class Loop:
         log(self.metrics[0].note)
         self.history = [[] for _ in job.members]
         self.last_saved = self.done = self.saved = None
+        self.steps_run = 0
         self.postfix: dict = {}  # the progress bar's: the last log step's figures
         self.postfix_extra: dict = {}  # and what hooks add (the eval loss)
         self.window = {"tokens": 0, "t0": time.time(), "start": time.time()}  # throughput since the last log step
@@ -120,7 +121,7 @@ class Loop:
                     self._stop(state, signum)
                 state, m = job.train_step(state, job.params, batch, np.int32(n_chunks), job.lrs(at.global_step),
                                           cap=cap, update=batches.is_update(epoch, s))
-                self.done = at
+                self.done, self.steps_run = at, self.steps_run + 1
                 self.window["tokens"] += stats["tokens"] * jax.process_count()
                 bar.update(1)
                 if s % job.cfg.log_interval == 0 or at.end_of_epoch:

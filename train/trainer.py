@@ -98,7 +98,7 @@ def drive(job: Job, state, hooks: Sequence[Hook] = (), t_start: Optional[float] 
             loop.close()
     finally:
         job.resume.close()
-    return finish.finish(job, state, loop, len(positions), answers_before, t_start)
+    return finish.finish(job, state, loop, loop.steps_run, answers_before, t_start)
 
 
 def setup(cfg: RunConfig):
