@@ -13,9 +13,11 @@ answers). Reported per variant: whole-process wall time, the step's compile time
 last quarter of the epoch, real tokens/s and peak RSS. Variants (`--variants`): `packed` (the default: each step's
 16 samples packed into rows), `padded` (`--pack 0`, MiniMind's one sample per row), `grouped`
 (`--group_by_length 1`), `tokens` (`--batch_tokens` = batch x max_seq_len: the whole-epoch packing, fewer and larger
-steps). With the `--torch_*` paths, each round also runs ../shared/bench/torch_epoch_bench.py (PyTorch MiniMind's
-train_lora.py epoch on the same file) and the first round saves its random base so that every run of the bench
-trains the same base (`--base` to give one). Rounds alternate the order of the two sides.
+steps), `eval` (`--eval_ratio 0.05`: 5% of the file held out and evaluated before the epoch and at its end; the
+evaluations' time is reported beside the process's). With the `--torch_*` paths, each round also runs
+../shared/bench/torch_epoch_bench.py (PyTorch MiniMind's train_lora.py epoch on the same file) and the first round
+saves its random base so that every run of the bench trains the same base (`--base` to give one). Rounds alternate
+the order of the two sides.
 
 Mode 1 (equal work): a B x T batch (default 4 x 256) with every position real and labelled, run by the trainer's
 step as `train.lora` runs it (CPU split into devices, chunks of rows); tokens/s from the median step, the step's
@@ -56,7 +58,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
-VARIANTS = {"packed": [], "padded": ["--pack", "0"], "grouped": ["--group_by_length", "1"], "tokens": None}
+VARIANTS = {"packed": [], "padded": ["--pack", "0"], "grouped": ["--group_by_length", "1"], "tokens": None,
+            "eval": ["--eval_ratio", "0.05"]}
 
 
 def run(cmd: list, log: Path, env=None) -> tuple[float, float, int]:
@@ -95,8 +98,10 @@ def ours_epoch(args, variant: str, base, work: Path, tag: str) -> dict:
     wall, rss, rc = run(cmd, out.with_suffix(".log"), env)
     if rc:
         raise SystemExit(f"{' '.join(cmd)} failed ({rc}):\n{out.with_suffix('.log').read_text()[-3000:]}")
-    rows = [json.loads(line) for line in (out / "lora_identity_metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "lora_identity_metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in records if "loss" in r]  # the training steps' (an eval variant adds eval records)
     losses = [r["loss"] for r in rows]
+    evals = [r for r in records if "eval_loss" in r]
     shapes = re.findall(r"\((\d+) shape\(s\) of batch\)", out.with_suffix(".log").read_text(errors="replace"))
     # positions the steps computed (padding included) per second of steps 2..N: no compile, no start-up
     steady_s = rows[-1]["time_s"] - rows[0]["time_s"] if len(rows) > 1 else None
@@ -105,7 +110,9 @@ def ours_epoch(args, variant: str, base, work: Path, tag: str) -> dict:
             "positions": sum(r["positions"] for r in rows), "positions_per_s": positions_per_s,
             "shapes": int(shapes[-1]) if shapes else None,
             "loss_mean_last_quarter": statistics.mean(losses[-max(1, len(losses) // 4):]), "losses": losses,
-            "peak_rss_mib": rss, "rows": sum(r["rows"] for r in rows)}
+            "peak_rss_mib": rss, "rows": sum(r["rows"] for r in rows),
+            "evals": len(evals), "eval_s": round(sum(r["eval_s"] for r in evals), 2) if evals else None,
+            "eval_losses": [r["eval_loss"] for r in evals] or None}
 
 
 def torch_epoch(args, work: Path, tag: str, save_base=None) -> dict:
@@ -317,6 +324,9 @@ def report(rnd: dict) -> None:
                 f"{o['shapes']} shapes), "
                 f"{o['updates']} updates, {o['rows']} rows, last-quarter loss {o['loss_mean_last_quarter']:.4f}, "
                 f"peak RSS {o['peak_rss_mib']:.0f} MiB")
+        if o.get("evals"):  # --eval_ratio 0.05: what evaluating at the epoch's end (and before it) cost
+            line += (f"; {o['evals']} evaluations took {o['eval_s']:.1f} s ({o['eval_s'] / o['wall_s']:.1%} of the "
+                     f"process), eval loss {o['eval_losses'][0]:.4f} -> {o['eval_losses'][-1]:.4f}")
         if t:
             line += (f" -> {t['epoch_wall_s'] / o['wall_s']:.2f}x less than PyTorch's epoch "
                      f"(loss {o['loss_mean_last_quarter'] - t['loss_mean_last_quarter']:+.4f})")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -173,10 +174,12 @@ class Evaluator(Hook):
     def evaluate(self, loop, state, at: StepPoint) -> bool:
         """Measure, log, keep the best; -> whether to stop (--early_stop)."""
         job, cfg = self.job, self.job.cfg
+        t0 = time.perf_counter()
         results = self.measure(state)
+        took = round(time.perf_counter() - t0, 3)
         improved = []
         for i, rec in enumerate(results):
-            rec = {"step": at.global_step, "epoch": at.epoch + (1 if at.step else 0), **rec}
+            rec = {"step": at.global_step, "epoch": at.epoch + (1 if at.step else 0), **rec, "eval_s": took}
             self.history[i].append(rec)
             loop.metrics[i].log(rec)
             if self.has_eval and rec["eval_loss"] < self.best[i]:
