@@ -49,7 +49,7 @@ def make_members(cfg: RunConfig, params, config) -> tuple[list[Member], str]:
     members, note = [], ""
     for tag, settings in points:
         mcfg = dataclasses.replace(cfg, sweep=None, **settings)
-        if _shapes(params) and not cfg.from_lora:  # a new adapter's shapes, without making it
+        if is_shapes(params) and not cfg.from_lora:  # a new adapter's shapes, without making it
             init = jax.eval_shape(lambda p: job_lib.make_adapter(mcfg, p)[0], params)
         else:
             init, note = job_lib.make_adapter(mcfg, params)
@@ -64,7 +64,8 @@ def make_members(cfg: RunConfig, params, config) -> tuple[list[Member], str]:
     return members, note
 
 
-def _shapes(tree) -> bool:
+def is_shapes(tree) -> bool:
+    """Whether `tree` holds shapes (jax.ShapeDtypeStruct leaves) rather than arrays."""
     return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
 
 

@@ -56,8 +56,8 @@ class MemberSummary:
 
 @dataclass
 class RunSummary:
-    """What `train.run` returns. A plain run has one member; its fields are also reachable directly
-    (`summary.losses`, `summary.adapter`, ...)."""
+    """What `train.run` returns. A plain run has one member, whose fields the summary also answers: `summary.losses`,
+    `.history`, `.adapter`, `.adapter_path`, `.metrics_path`, `.answers_after`, `.eval_losses`."""
     members: list  # [MemberSummary], in --sweep's order
     steps: int  # micro-steps run (this process's run, after a resume)
     updates: int  # optimizer steps taken in all
@@ -71,30 +71,6 @@ class RunSummary:
         if len(self.members) != 1:
             raise AttributeError(f"this run trained {len(self.members)} adapters: read summary.members[i]")
         return self.members[0]
-
-    @property
-    def losses(self) -> list:
-        return self._only().losses
-
-    @property
-    def history(self) -> list:
-        return self._only().history
-
-    @property
-    def adapter(self):
-        return self._only().adapter
-
-    @property
-    def adapter_path(self) -> Optional[str]:
-        return self._only().adapter_path
-
-    @property
-    def metrics_path(self) -> str:
-        return self._only().metrics_path
-
-    @property
-    def answers_after(self) -> list:
-        return self._only().answers_after
 
     def member(self, tag: str) -> MemberSummary:
         return next(m for m in self.members if m.tag == tag)
@@ -133,3 +109,7 @@ def summary_lines(table: dict) -> list[str]:
                  f"steps, one compiled step: {table['compile_s']:.1f} s to compile)"
                  + (f"; lowest eval loss: {table['best_member']}" if evals else ""))
     return lines
+
+
+for _name in ("losses", "history", "adapter", "adapter_path", "metrics_path", "answers_after", "eval_losses"):
+    setattr(RunSummary, _name, property(lambda self, n=_name: getattr(self._only(), n)))

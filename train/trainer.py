@@ -158,7 +158,7 @@ class Prepared:
 
     def with_base(self) -> "Prepared":
         """This with a random base given as shapes (prepare(shapes_only=True)) made; else this."""
-        if not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(self.params)):
+        if not members_lib.is_shapes(self.params):
             return self
         return dataclasses.replace(self, params=init_params(self.config, self.cfg.seed))
 
