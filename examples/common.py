@@ -75,7 +75,8 @@ class Lab:
                          hidden_size=a.hidden_size, num_hidden_layers=a.num_hidden_layers, rank=a.rank,
                          epochs=a.epochs, batch_size=a.batch_size, learning_rate=a.learning_rate, seed=a.seed,
                          targets="all-linear", add_system_ratio=0.0, empty_think_ratio=1.0, dtype="float32",
-                         max_new_tokens=0, cpu_devices=1, cache_dir=str(self.out / "cache"), log_interval=50)
+                         max_new_tokens=0, cpu_devices=1, cache_dir=str(self.out / "cache"), log_interval=50,
+                         eval_data="")  # no held-out eval while training: each example measures its own losses
 
     def tag(self, name: str) -> str:
         a = self.args
