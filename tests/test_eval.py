@@ -249,3 +249,20 @@ def test_replace_keeps_resolved_eval_data():
     assert demo.eval_paths == [str(HELD)] and demo.evaluates
     other = dataclasses.replace(demo, data_path="x.jsonl", eval_data=None, epochs=None)
     assert other.eval_paths == [] and not other.evaluates
+
+
+def test_the_parser_is_the_config():
+    """The CLI's defaults are RunConfig's (the parser is built from its fields), and a Python caller gets exceptions,
+    never a process exit."""
+    assert RunConfig.from_argv([]) == RunConfig()
+    assert RunConfig.from_argv(["--pack", "0", "--rank", "4"]) == RunConfig(pack=False, rank=4)
+    with pytest.raises(ConfigError, match="--epochs must be positive"):
+        RunConfig(epochs=0)
+
+
+def test_run_from_python_raises_instead_of_exiting(data, tmp_path):
+    _, params, _ = convert.load_base(None, hidden_size=48, num_hidden_layers=1, seed=0)
+    convert.save_adapter(lora.init(params, jax.random.key(0), rank=2), tmp_path / "other.ckpt")
+    with pytest.raises(ConfigError, match="does not fit the base model"):
+        run(RunConfig.from_argv(tiny_train_args(data, tmp_path / "out", "--cpu_devices", "1", "--from_lora",
+                                                str(tmp_path / "other.ckpt"))))
