@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import sys
-import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -34,44 +33,14 @@ import numpy as np
 
 from minimind_jax.tokenizer import load_tokenizer
 from train.config import REAL
-from train.data import DEFAULT_CACHE_DIR, IGNORE, DataError, SFTDataset, SFTLoader, assistant_labels, \
-    load_sft_dataset, packed_row_len
-
-# train/__init__ imports the trainer, which imports this module, before `python -m train.data_report` runs it as
-# __main__; runpy then warns that it is already imported. Harmless here (it holds no state): that one warning is muted.
-warnings.filterwarnings("ignore", message="'train.data_report' found in sys.modules", category=RuntimeWarning)
+from train.dataset import cut_samples, summary_line  # noqa: F401  (summary_line: the trainer's one line)
+from train.data import DEFAULT_CACHE_DIR, DataError, SFTDataset, SFTLoader, load_sft_dataset, packed_row_len
 
 UNCUT = 1 << 30  # the max_seq_len the report loads with: every sample whole
-CUT_SHARE_WARN = 0.05  # summary_line speaks up from this share of cut samples (or any answerless one)
 EXAMPLES = 5  # file:line examples kept per finding
 
 
 # ------------------------------------------------------------------------------------------------ counting
-
-
-def cut_samples(ds: SFTDataset, max_seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """-> (indices of the samples longer than max_seq_len, those of them left without a single supervised token
-    once cut to max_seq_len: no label != -100 in labels[1:], as the loss shifts them). `ds` may be loaded at
-    max_seq_len (a run's) or longer (the report's, whole)."""
-    cut = np.flatnonzero(ds.full_len > max_seq_len)
-    answerless = [i for i in cut
-                  if not np.any(assistant_labels(ds.example(i)[:max_seq_len], ds.bos_ids, ds.eos_ids)[1:] != IGNORE)]
-    return cut, np.asarray(answerless, np.int64)
-
-
-def summary_line(ds: SFTDataset, max_seq_len: int) -> Optional[str]:
-    """One line for a run's log when max_seq_len cuts a large share (>= 5%) of the samples or leaves any of them
-    without an answer token to learn; else None."""
-    n = len(ds)
-    cut, answerless = cut_samples(ds, max_seq_len)
-    if not n or (len(cut) < CUT_SHARE_WARN * n and not len(answerless)):
-        return None
-    line = (f"data: {len(cut)} of {n} samples ({len(cut) / n * 100:.1f}%) are longer than --max_seq_len "
-            f"{max_seq_len} and are cut")
-    if len(answerless):
-        verb = "loses" if len(answerless) == 1 else "lose"
-        line += f"; {len(answerless)} {verb} every answer token (first: {ds.source(answerless[0])})"
-    return line + " (python -m train.data_report for more)"
 
 
 def truncated(ds: SFTDataset, max_seq_len: int) -> SFTDataset:

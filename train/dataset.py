@@ -320,3 +320,31 @@ def _tokenize_files(files, tokenizer, max_seq_len, skip_bad_lines, chunk_size, o
         raise DataError(f"{names}: no valid samples ({state['bad']} bad line(s) skipped with --skip_bad_lines)")
     dtypes = dict(keep_off=np.int64, drop_off=np.int64, line=np.int64, can_add_system=bool, has_empty_think=bool)
     return {k: np.asarray(v, dtypes.get(k, np.int32)) for k, v in cols.items()}, state["bad"]
+
+
+CUT_SHARE_WARN = 0.05  # summary_line speaks up from this share of cut samples (or any answerless one)
+
+
+def cut_samples(ds: SFTDataset, max_seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """-> (indices of the samples longer than max_seq_len, those of them left without a single supervised token
+    once cut to max_seq_len: no label != -100 in labels[1:], as the loss shifts them). `ds` may be loaded at
+    max_seq_len (a run's) or longer (the report's, whole)."""
+    cut = np.flatnonzero(ds.full_len > max_seq_len)
+    answerless = [i for i in cut
+                  if not np.any(assistant_labels(ds.example(i)[:max_seq_len], ds.bos_ids, ds.eos_ids)[1:] != IGNORE)]
+    return cut, np.asarray(answerless, np.int64)
+
+
+def summary_line(ds: SFTDataset, max_seq_len: int) -> Optional[str]:
+    """One line for a run's log when max_seq_len cuts a large share (>= 5%) of the samples or leaves any of them
+    without an answer token to learn; else None."""
+    n = len(ds)
+    cut, answerless = cut_samples(ds, max_seq_len)
+    if not n or (len(cut) < CUT_SHARE_WARN * n and not len(answerless)):
+        return None
+    line = (f"data: {len(cut)} of {n} samples ({len(cut) / n * 100:.1f}%) are longer than --max_seq_len "
+            f"{max_seq_len} and are cut")
+    if len(answerless):
+        verb = "loses" if len(answerless) == 1 else "lose"
+        line += f"; {len(answerless)} {verb} every answer token (first: {ds.source(answerless[0])})"
+    return line + " (python -m train.data_report for more)"

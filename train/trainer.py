@@ -22,9 +22,10 @@ import convert
 from minimind_jax import MiniMindForCausalLM
 from minimind_jax.config import compute_dtype
 from minimind_jax.model import init_params
-from train import compile_cache, data_report, evaluation, finish, job as job_lib, members as members_lib, \
-    sharding, step as step_lib
+from train import compile_cache, evaluation, finish, job as job_lib, members as members_lib, sharding, \
+    step as step_lib
 from train.config import RunConfig
+from train.dataset import summary_line
 from train.loop import Hook, Loop, OnStep, log
 from train.resume import ResumeError, ResumeManager, resume_dir
 from train.summary import RunSummary
@@ -193,7 +194,7 @@ def prepare(cfg: RunConfig, shapes_only: bool = False) -> Prepared:
         log(f"CPU split into {cpu_split} XLA devices for data parallelism (--cpu_devices 1 to keep one)")
     dtype = cfg.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     tokenizer, ds = job_lib.load_data(cfg, config)
-    log(data_report.summary_line(ds, cfg.max_seq_len))
+    log(summary_line(ds, cfg.max_seq_len))  # a large share of samples cut, or answers lost to the cut
     ds, held, general = evaluation.held_out(cfg, tokenizer, ds)  # --eval_ratio's samples leave the training set
     batches = job_lib.plan_batches(cfg, config, ds)
     sets = tuple(evaluation.make_eval_set(name, d, cfg, jax.local_device_count(), batches.rows_per_device)
