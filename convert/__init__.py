@@ -10,8 +10,8 @@
 
 CLIs: `python -m convert.to_torch ...` (to MiniMind/PEFT) and `python -m convert.from_torch ...` (to orbax).
 """
-from .adapter_io import (BaseMismatchWarning, check_adapter, fingerprint, load_adapter, read_adapter_metadata,
-                         save_adapter)
+from .adapter_io import (BaseMismatchWarning, check_adapter, fingerprint, load_adapter, random_base_of,
+                         read_adapter_metadata, save_adapter)
 from .adapter_keys import adapter_from_minimind, adapter_to_minimind
 from .infer import ConfigInferredWarning, infer_config
 from .layout import state_dict_layout
@@ -19,7 +19,7 @@ from .model_io import load_base, load_model, params_to_state_dict, save_model, s
 from .names import resolve_lora, resolve_weight
 from .util import CheckpointError
 
-__all__ = ["load_adapter", "save_adapter", "read_adapter_metadata", "fingerprint", "check_adapter",
+__all__ = ["load_adapter", "save_adapter", "read_adapter_metadata", "random_base_of", "fingerprint", "check_adapter",
            "adapter_from_minimind", "adapter_to_minimind", "BaseMismatchWarning", "load_model", "save_model",
            "load_base", "infer_config", "state_dict_layout", "state_dict_to_params", "params_to_state_dict",
            "ConfigInferredWarning", "CheckpointError", "resolve_weight", "resolve_lora"]

@@ -227,6 +227,19 @@ def _ckpt_metadata(adapter: Adapter, metadata, dtype, cfg: Optional[MiniMindConf
     return meta
 
 
+def random_base_of(path: PathLike) -> Optional[tuple[MiniMindConfig, int]]:
+    """(config, seed) of the random-init base an adapter checkpoint was trained on (train.lora records both as
+    `base_config` and `base_random_seed`: such a base is never saved, its seed rebuilds it), else None (weights
+    named instead, another format, or a file this cannot read: loading it reports why)."""
+    try:
+        meta = read_adapter_metadata(path)
+    except Exception:
+        return None
+    if meta.get("base_random_seed") is None or not meta.get("base_config"):
+        return None
+    return MiniMindConfig.from_dict(meta["base_config"]), int(meta["base_random_seed"])
+
+
 def read_adapter_metadata(path: PathLike) -> dict:
     """The metadata of an adapter: an orbax checkpoint's adapter.json; for other formats a summary
     (format, ranks, rank, targets, dtype, and for PEFT its adapter_config)."""

@@ -81,9 +81,10 @@ def held_out(cfg: RunConfig, tokenizer, ds):
     return ds, held, read(cfg.general_paths) if cfg.general_paths else None
 
 
-def eval_terms(model, params, adapter, rows: dict, with_base: bool) -> dict:
-    """One chunk of rows [P, T]: the sums of -log p(assistant token) with the adapter, their count, and (with_base)
-    the base's sum and the summed KL(adapted || base) over the same tokens."""
+def eval_terms(model, params, adapter, rows: dict, with_base: bool, with_accuracy: bool = False) -> dict:
+    """One chunk of rows [P, T]: the sums of -log p(assistant token) with the adapter, their count, (with_base)
+    the base's sum and the summed KL(adapted || base) over the same tokens, and (with_accuracy) "correct": how many
+    of them are the adapted model's argmax (next-token accuracy's numerator)."""
     fwd = lambda variables: model.apply(variables, rows["input_ids"], positions=rows.get("positions"),
                                         segment_ids=rows.get("segment_ids"), deterministic=True).logits
     tgt = rows["labels"][:, 1:]
@@ -92,6 +93,8 @@ def eval_terms(model, params, adapter, rows: dict, with_base: bool) -> dict:
     lp = jax.nn.log_softmax(fwd({"params": params, "lora": branch})[:, :-1].astype(jnp.float32))  # [P, T-1, V]
     token = lambda logp: jnp.take_along_axis(logp, jnp.where(valid, tgt, 0)[..., None], -1)[..., 0]
     out = {"nll": -jnp.sum(jnp.where(valid, token(lp), 0.0)), "count": jnp.sum(valid).astype(jnp.float32)}
+    if with_accuracy:
+        out["correct"] = jnp.sum(valid & (jnp.argmax(lp, -1) == tgt)).astype(jnp.float32)
     if with_base:
         base = jax.nn.log_softmax(fwd({"params": params})[:, :-1].astype(jnp.float32))
         out["base_nll"] = -jnp.sum(jnp.where(valid, token(base), 0.0))
@@ -99,17 +102,18 @@ def eval_terms(model, params, adapter, rows: dict, with_base: bool) -> dict:
     return out
 
 
-def make_eval_step(model, gain=None, with_base: bool = False):
-    """-> eval(adapters, params, chunks, n_chunks) -> {"nll", "count"[, "base_nll", "kl"]} each [N], jitted:
-    the members' stacked adapters [N, ...] over the first n_chunks chunks (train.step.map_members)."""
+def make_eval_step(model, gain=None, with_base: bool = False, with_accuracy: bool = False):
+    """-> eval(adapters, params, chunks, n_chunks) -> {"nll", "count"[, "base_nll", "kl"][, "correct"]} each [N],
+    jitted: the members' stacked adapters [N, ...] over the first n_chunks chunks (train.step.map_members)."""
     def member(adapter, params, chunks, n_chunks, g):
         seen = adapter if g is None else step_lib.apply_gain(adapter, g)
 
         def body(i, acc):
             rows = {k: jax.lax.dynamic_index_in_dim(v, i, 0, keepdims=False) for k, v in chunks.items()}
-            return jax.tree.map(jnp.add, acc, eval_terms(model, params, seen, rows, with_base))
+            return jax.tree.map(jnp.add, acc, eval_terms(model, params, seen, rows, with_base, with_accuracy))
 
-        zero = dict.fromkeys(["nll", "count", *(["base_nll", "kl"] if with_base else [])], jnp.zeros((), jnp.float32))
+        keys = ["nll", "count", *(["base_nll", "kl"] if with_base else []), *(["correct"] if with_accuracy else [])]
+        zero = dict.fromkeys(keys, jnp.zeros((), jnp.float32))
         return jax.lax.fori_loop(0, n_chunks, body, zero)
 
     def run(adapters, params, chunks, n_chunks):
