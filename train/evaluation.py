@@ -15,8 +15,10 @@ the last step); every member of a sweep is evaluated in one vmapped program on t
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import math
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +137,28 @@ class Evaluator(Hook):
         self.best_step: list = [None] * n
         self.stale = [0] * n  # evaluations since the member last improved
         self.history: list = [[] for _ in range(n)]
+        self.compiled: dict = {}  # set name -> (batch shapes, Future of the compiled program)
+
+    def precompile(self, state) -> None:
+        """Start compiling each set's program in the background from the shapes of `state` and the set's first
+        batch (XLA:CPU compiles on one core): the first evaluation then finds it ready, or nearly. Not with several
+        processes, whose programs must be compiled in step with each other: they compile at the first call."""
+        if jax.process_count() > 1:
+            return
+        spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        adapters = jax.tree.map(spec, state.adapter)
+        for s in self.sets:
+            batch, n, _, _ = device_batch(self.job.mesh, *s.batches[0], None, 0)
+            jitted, fut = self.steps[s.name], concurrent.futures.Future()
+            self.compiled[s.name] = (_shapes(batch), fut)
+            lower = lambda j=jitted, b=jax.tree.map(spec, batch), f=fut: f.set_result(
+                j.lower(adapters, self.job.params, b, np.int32(n)).compile())
+            threading.Thread(target=lambda g=lower, f=fut: _settle(g, f), daemon=True).start()
+
+    def _program(self, name: str, batch: dict):
+        """The set's compiled program when `batch` has the shapes it was compiled for, else the jitted function."""
+        shapes, fut = self.compiled.get(name, (None, None))
+        return fut.result() if fut is not None and shapes == _shapes(batch) else self.steps[name]
 
     def state_dict(self) -> dict:
         return {"best": self.best, "best_step": self.best_step, "stale": self.stale}
@@ -162,7 +186,7 @@ class Evaluator(Hook):
             sums = None
             for arrays, n_chunks in s.batches:
                 batch, n_chunks, _, _ = device_batch(job.mesh, arrays, n_chunks, None, 0)
-                got = self.steps[s.name](state.adapter, job.params, batch, np.int32(n_chunks))
+                got = self._program(s.name, batch)(state.adapter, job.params, batch, np.int32(n_chunks))
                 sums = got if sums is None else jax.tree.map(jnp.add, sums, got)
             sums = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float64), sums)
             count = np.maximum(sums["count"], 1)
@@ -178,6 +202,7 @@ class Evaluator(Hook):
     def evaluate(self, loop, state, at: StepPoint) -> bool:
         """Measure, log, keep the best; -> whether to stop (--early_stop)."""
         job, cfg = self.job, self.job.cfg
+        jax.block_until_ready(state.adapter)  # the step in flight is not the evaluation's time
         t0 = time.perf_counter()
         results = self.measure(state)
         took = round(time.perf_counter() - t0, 3)
@@ -241,6 +266,17 @@ class Evaluator(Hook):
             users = [t["content"] for t in turns if t["role"] == "user"]
             out.append((users[-1], turns[-1]["content"] if turns[-1]["role"] == "assistant" else ""))
         return out
+
+
+def _shapes(batch: dict) -> tuple:
+    return tuple((k, v.shape) for k, v in sorted(batch.items()))
+
+
+def _settle(fn, fut) -> None:
+    try:
+        fn()
+    except BaseException as e:  # surfaced by the first evaluation's fut.result()
+        fut.set_exception(e)
 
 
 def best_path(job, m) -> Path:

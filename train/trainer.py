@@ -81,7 +81,9 @@ def drive(job: Job, state, hooks: Sequence[Hook] = (), t_start: Optional[float] 
     """A set-up job from its fresh state to its summary: resume, answers before, the loop, the end."""
     t_start = time.time() if t_start is None else t_start
     if any(job.eval_sets):
-        hooks = [evaluation.Evaluator(job, *job.eval_sets), *hooks]
+        evaluator = evaluation.Evaluator(job, *job.eval_sets)
+        evaluator.precompile(state)  # while the train step compiles, the prompts are answered, the state restored
+        hooks = [evaluator, *hooks]
     try:
         state, (epoch0, step0), resumed_at, hook_states = restore(job, state)
         positions = job.batches.positions(epoch0, step0)
