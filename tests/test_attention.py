@@ -12,14 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minimind_jax import MiniMindConfig, MiniMindForCausalLM, init_cache
+from conftest import TINY  # GQA: 3 query heads per kv head
+from minimind_jax import MiniMindForCausalLM, init_cache
 from minimind_jax import attention as A
 
 ON_GPU = jax.default_backend() == "gpu"
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason=f"cuDNN flash attention needs an NVIDIA GPU; the backend is "
                                                   f"{jax.default_backend()}")
-TINY = MiniMindConfig(family="minimind3", hidden_size=48, num_hidden_layers=2, num_attention_heads=6,
-                      num_key_value_heads=2, vocab_size=97)  # GQA: 3 query heads per kv head
 TOL = 1e-5
 
 

@@ -5,14 +5,14 @@ Real subprocesses (the CLI's exit path is what is tested), a tiny random base so
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import subprocess_env
+
 GOOD = json.dumps({"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]})
 
 
@@ -38,7 +38,7 @@ def _train(tmp_path, save_dir, *args):
     cmd = [sys.executable, "-m", "train.lora", *args, "--hidden_size", "32", "--num_hidden_layers", "1",
            "--epochs", "1", "--max_new_tokens", "0", "--save_dir", str(save_dir),
            "--cache_dir", str(tmp_path / "cache")]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", MINIMIND_JAX_CACHE=str(tmp_path / "cache"))
+    env = subprocess_env(MINIMIND_JAX_CACHE=str(tmp_path / "cache"))
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     return proc, proc.stdout + proc.stderr
 
@@ -81,8 +81,8 @@ def test_unusable_default_compile_cache_is_skipped(tmp_path):
     cmd = [sys.executable, "-m", "train.lora", "--data_path", str(data), "--hidden_size", "32", "--num_hidden_layers",
            "1", "--epochs", "1", "--max_new_tokens", "0", "--save_dir", str(tmp_path / "out"), "--cache_dir",
            str(tmp_path / "cache")]
-    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-    env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", MINIMIND_JAX_CACHE=str(blocked))
+    env = subprocess_env(MINIMIND_JAX_CACHE=str(blocked))
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "Traceback" not in out, out

@@ -7,13 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import FIXTURES, IDENTITY
 from train.data import (EMPTY_THINK, IGNORE, SYSTEM_PROMPTS, DataError, SFTLoader, assistant_labels,
                         load_sft_dataset, packed_row_len, parse_record)
 from minimind_jax.tokenizer import load_tokenizer
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 SFT_V3 = FIXTURES / "sft_v3"
-IDENTITY = Path(__file__).resolve().parents[1] / "train" / "assets" / "lora_identity.jsonl"  # bundled SFT data
 MM_TOKENIZER = FIXTURES / "tokenizer_minimind"
 needs_fixtures = pytest.mark.skipif(not (SFT_V3 / "expected.npz").is_file()
                                     or not (MM_TOKENIZER / "tokenizer.json").is_file(),

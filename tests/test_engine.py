@@ -11,13 +11,11 @@ import numpy as np
 import pytest
 
 import lora
-from minimind_jax import MiniMindConfig, MiniMindForCausalLM
+from conftest import TINY
+from minimind_jax import MiniMindForCausalLM
 from minimind_jax.generate import generate
 from serve.adapters import AdapterStack, parse_mix
 from serve.engine import ContextError, Engine, Sampling
-
-TINY = MiniMindConfig(family="minimind3", hidden_size=48, num_hidden_layers=2, num_attention_heads=6,
-                      num_key_value_heads=2, vocab_size=97)
 
 
 @pytest.fixture(scope="module")

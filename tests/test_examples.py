@@ -11,36 +11,25 @@ import json
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
+
 EXAMPLES = ROOT / "examples"
 TINY = ["--hidden_size", "32", "--num_hidden_layers", "1", "--epochs", "1", "--batch_size", "32", "--eval_samples",
         "12", "--max_new_tokens", "0"]
 
 
 @pytest.fixture(scope="module")
-def examples(tmp_path_factory):
+def examples(tmp_path_factory, compile_cache):
     """-> run(name, *flags): examples/<name>.py's main with the tiny flags and the shared --out."""
-    from jax.experimental.compilation_cache import compilation_cache
-
-    settings = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("xla_cache")),
-                "jax_persistent_cache_min_compile_time_secs": 0.0, "jax_persistent_cache_min_entry_size_bytes": 0}
-    before = {k: getattr(jax.config, k) for k in settings}
-    for k, v in settings.items():
-        jax.config.update(k, v)
-    compilation_cache.reset_cache()
     out = tmp_path_factory.mktemp("examples_out")
     sys.path.insert(0, str(EXAMPLES))
     try:
         yield lambda name, *flags: importlib.import_module(name).main([*TINY, "--out", str(out), *flags])
     finally:
         sys.path.remove(str(EXAMPLES))
-        for k, v in before.items():
-            jax.config.update(k, v)
-        compilation_cache.reset_cache()
 
 
 def test_capitals_data_is_what_its_maker_writes():

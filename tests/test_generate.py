@@ -5,13 +5,10 @@ import numpy as np
 import pytest
 
 import lora
-from conftest import fixture_dir
-from minimind_jax import MiniMindConfig, MiniMindForCausalLM, init_cache
+from conftest import TINY, fixture_dir
+from minimind_jax import MiniMindForCausalLM, init_cache
 from minimind_jax.generate import (Knobs, Static, _decode, _prefill, apply_penalty, filter_logits, generate,
                                    generate_stream, select_tokens)
-
-TINY = MiniMindConfig(family="minimind3", hidden_size=48, num_hidden_layers=2, num_attention_heads=6,
-                      num_key_value_heads=2, vocab_size=97)
 
 
 def _load(case):

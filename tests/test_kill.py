@@ -19,30 +19,22 @@ import numpy as np
 import pytest
 
 import convert
+from conftest import subprocess_env, tiny_train_args, write_tiny_data
 from train.resume import ResumeManager
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("kill")
-    lines = (ROOT / "train" / "assets" / "lora_identity.jsonl").read_text(encoding="utf-8").splitlines()[:14]
-    (d / "tiny.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return d
+    return write_tiny_data(tmp_path_factory.mktemp("kill"))
 
 
 def _cmd(tiny: Path, save_dir: Path, *extra) -> list:
-    return [sys.executable, "-m", "train.lora", "--hidden_size", "32", "--num_hidden_layers", "1", "--epochs", "2",
-            "--batch_size", "4", "--max_seq_len", "64", "--learning_rate", "5e-3", "--data_path",
-            str(tiny / "tiny.jsonl"), "--cache_dir", str(tiny / "cache"), "--log_interval", "1", "--save_interval",
-            "1", "--max_new_tokens", "0", "--cpu_devices", "1", "--save_dir", str(save_dir), *extra]
+    return [sys.executable, "-m", "train.lora",
+            *tiny_train_args(tiny, save_dir, "--save_interval", "1", "--cpu_devices", "1", *extra)]
 
 
 def _env() -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    env.pop("XLA_FLAGS", None)
-    return env
+    return subprocess_env()
 
 
 def _finish(cmd: list) -> str:

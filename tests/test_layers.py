@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
+
 LEVEL = {"minimind_jax": 0, "lora": 1, "convert": 2, "train": 3, "serve": 3, "bench": 4}
 
 

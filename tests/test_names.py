@@ -5,7 +5,6 @@ chat CLI (a tiny 64x2 MiniMind .pth and adapter) and for the one-line error of a
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,13 +14,12 @@ import pytest
 
 import convert
 import lora
+from conftest import subprocess_env
 from convert.names import is_name
 from minimind_jax import MiniMindConfig
 from minimind_jax.model import init_params
 from train import job as job_lib
 from train.config import RunConfig
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _touch(d: Path, *names: str) -> None:
@@ -107,9 +105,8 @@ def test_train_resolves_from_weight_and_from_lora(tmp_path, monkeypatch):
 
 # ---- the CLIs, for real ----------------------------------------------------------------------------------------
 def _cli(cwd: Path, module: str, *args: str, timeout: int = 300):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=timeout)
     return proc, proc.stdout + proc.stderr
 
 

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import jax
@@ -21,12 +18,12 @@ import pytest
 
 import convert
 import lora
+from conftest import free_port, subprocess_env
 from minimind_jax import MiniMindConfig
 from minimind_jax.generate import generate
 from minimind_jax.model import init_params
 from minimind_jax.tokenizer import load_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-test-key"
 CONFIG = MiniMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 QUESTIONS = ["你是谁？", "Who are you?", "讲个笑话", "What is 2+2?", "为什么天空是蓝色的", "hello"]
@@ -39,19 +36,11 @@ def _adapter(params, seed: int, rank: int, targets: str) -> lora.Adapter:
     return lora.Adapter(w, alpha=a.alpha, rslora=False, targets=a.targets)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(args: list, out, **env_extra) -> tuple[subprocess.Popen, str]:
     """`python -m serve.openai ARGS` on a free port, once /health answers -> (process, base url)."""
-    port = _free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **env_extra)
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "serve.openai", *args, "--port", str(port)], env=env, stdout=out,
-                            stderr=subprocess.STDOUT, text=True)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "serve.openai", *args, "--port", str(port)],
+                            env=subprocess_env(**env_extra), stdout=out, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
