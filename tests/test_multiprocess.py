@@ -17,11 +17,9 @@ normalisation amplifies (1.4e-5 of that leaf's largest element); a 1-process run
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,37 +30,23 @@ import numpy as np
 import pytest
 
 import convert
+from conftest import ROOT, free_port, subprocess_env, tiny_train_args, write_tiny_data
 from train.lora import build_parser
 
-ROOT = Path(__file__).resolve().parents[1]
 TOTAL_STEPS = 8  # 14 samples, 4 per step: 4 steps per epoch, 2 epochs
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("multiprocess")
-    lines = (ROOT / "train" / "assets" / "lora_identity.jsonl").read_text(encoding="utf-8").splitlines()[:14]
-    (d / "tiny.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return d
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return write_tiny_data(tmp_path_factory.mktemp("multiprocess"))
 
 
 def _env() -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    env.pop("XLA_FLAGS", None)
-    return env
+    return subprocess_env()
 
 
 def _tiny_flags(tiny: Path, save_dir: Path, *extra) -> list:
-    return ["--hidden_size", "32", "--num_hidden_layers", "1", "--epochs", "2", "--batch_size", "4", "--max_seq_len",
-            "64", "--learning_rate", "5e-3", "--data_path", str(tiny / "tiny.jsonl"), "--cache_dir",
-            str(tiny / "cache"), "--log_interval", "1", "--max_new_tokens", "0", "--save_interval", "2",
-            "--save_dir", str(save_dir), *extra]
+    return tiny_train_args(tiny, save_dir, "--save_interval", "2", *extra)
 
 
 def documented_commands(text: str) -> list[str]:
@@ -88,7 +72,7 @@ def _commands(processes: int, devices: int, port: int) -> list[list]:
 
 
 def _start(tiny: Path, save_dir: Path, processes: int, devices: int, *extra) -> list:
-    port = _free_port()
+    port = free_port()
     return [subprocess.Popen([*cmd, *_tiny_flags(tiny, save_dir, *extra)], env=_env(), cwd=tiny,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for cmd in _commands(processes, devices, port)]

@@ -2,10 +2,9 @@
 solo run. One real sweep (a subprocess, 12 members over learning_rate x rank x seed, ranks padded and masked, each its
 own scale, and an lr of 1e38 whose members diverge) is compared with the solo runs of two members that differ in every
 swept key, and with a sweep that is killed and resumed. The subprocess fills a compilation cache that the in-process
-resumed sweep reads (test_train's fixture), so the suite compiles the sweep's step once."""
+resumed sweep reads (conftest's compile_cache), so the suite compiles the sweep's step once."""
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,15 +14,13 @@ import numpy as np
 import pytest
 
 import convert
+from conftest import ROOT, subprocess_env, tiny_train_args, write_tiny_data
 from train import job as job_lib
 from train.config import RunConfig, Sweep
 from train.metrics import read_metrics
 from train.run import run
 from train.sweep import run_sweep
 
-from test_train import compile_cache  # noqa: F401  (a fixture: JAX's persistent cache in a directory of its own)
-
-ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ["--sweep", "learning_rate=5e-3,2e-2,1e38", "--sweep", "rank=2,3", "--sweep", "seed=1,2"]
 TAGS = [f"lr{lr}_rank{r}_seed{s}" for lr in ("5e-3", "2e-2", "1e38") for r in (2, 3) for s in (1, 2)]
 TRAINED = [t for t in TAGS if not t.startswith("lr1e38")]
@@ -31,25 +28,18 @@ TRAINED = [t for t in TAGS if not t.startswith("lr1e38")]
 
 def _args(data: Path, save_dir: Path, *extra) -> list:
     # alpha 4: the members' scales differ with their ranks (4/2, 4/3), so the sweep's per-member gain is exercised
-    return ["--hidden_size", "32", "--num_hidden_layers", "1", "--epochs", "2", "--batch_size", "4", "--max_seq_len",
-            "64", "--alpha", "4", "--data_path", str(data / "tiny.jsonl"), "--cache_dir", str(data / "cache"),
-            "--save_dir", str(save_dir), "--log_interval", "1", "--max_new_tokens", "0", "--cpu_devices", "1", *extra]
+    return tiny_train_args(data, save_dir, "--alpha", "4", "--cpu_devices", "1", *extra, learning_rate=None)
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
     cache = {"JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
              "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    return {**env, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-            **(cache if jax.config.jax_compilation_cache_dir else {})}
+    return subprocess_env(**(cache if jax.config.jax_compilation_cache_dir else {}))
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, compile_cache):  # noqa: F811
-    d = tmp_path_factory.mktemp("data")
-    lines = (ROOT / "train" / "assets" / "lora_identity.jsonl").read_text(encoding="utf-8").splitlines()[:14]
-    (d / "tiny.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return d
+def data(tmp_path_factory, compile_cache):
+    return write_tiny_data(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 
 import lora
+from conftest import IDENTITY, ROOT, subprocess_env, write_tiny_data
+from conftest import tiny_train_args as _cli_args
 from minimind_jax import MiniMindConfig, MiniMindForCausalLM
 from minimind_jax.buckets import bucket_length
 from train import batch as B, step as S
 from train.config import RunConfig
 from train.run import run
 
-ROOT = Path(__file__).resolve().parents[1]
 V = 96
 CFG = MiniMindConfig(hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                      vocab_size=V, intermediate_size=40)
@@ -204,7 +205,7 @@ def _identity_loader(tmp_path, n, batch, **kw):
     from minimind_jax.tokenizer import load_tokenizer
 
     tok = load_tokenizer()
-    lines = (ROOT / "train" / "assets" / "lora_identity.jsonl").read_text(encoding="utf-8").splitlines()[:n]
+    lines = IDENTITY.read_text(encoding="utf-8").splitlines()[:n]
     path = tmp_path / f"first{n}.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     ds = load_sft_dataset(path, tok, max_seq_len=96, cache_dir=tmp_path)
@@ -384,37 +385,10 @@ def test_cpu_device_count():
 
 
 @pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """Every run compiles its own train step (and init, generate), and the CLI tests below run the same programs in
-    several runs: JAX's persistent compilation cache, in a directory of this module's alone, lets the later runs
-    load them instead of compiling again. Restored afterwards, so other test modules compile as usual."""
-    from jax.experimental.compilation_cache import compilation_cache
-
-    settings = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("xla_cache")),
-                "jax_persistent_cache_min_compile_time_secs": 0.0, "jax_persistent_cache_min_entry_size_bytes": 0}
-    before = {k: getattr(jax.config, k) for k in settings}
-    for k, v in settings.items():
-        jax.config.update(k, v)
-    compilation_cache.reset_cache()  # the cache is set up once, on first use: again with this directory
-    yield
-    for k, v in before.items():
-        jax.config.update(k, v)
-    compilation_cache.reset_cache()
-
-
-@pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory, compile_cache):
-    d = tmp_path_factory.mktemp("data")
-    lines = (ROOT / "train" / "assets" / "lora_identity.jsonl").read_text(encoding="utf-8").splitlines()[:14]
-    (d / "tiny.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return d
-
-
-def _cli_args(tiny_data, save_dir, *extra) -> list:
-    return ["--hidden_size", "32", "--num_hidden_layers", "1", "--epochs", "2", "--batch_size", "4", "--max_seq_len",
-            "64", "--learning_rate", "5e-3", "--data_path", str(tiny_data / "tiny.jsonl"), "--cache_dir",
-            str(tiny_data / "cache"), "--save_dir", str(save_dir), "--log_interval", "1", "--max_new_tokens", "0",
-            *extra]
+    """The CLI tests below run the same programs in several runs: conftest's compile_cache (JAX's persistent cache in
+    a directory of this module's alone) lets the later runs load them instead of compiling again."""
+    return write_tiny_data(tmp_path_factory.mktemp("data"))
 
 
 def _cli(tiny_data, save_dir, *extra):
@@ -590,11 +564,9 @@ def test_cli_cpu_split_matches_one_device(tiny_data, tmp_path):
     from train.metrics import read_metrics
 
     one = _cli(tiny_data, tmp_path / "one")
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-    env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
     args = _cli_args(tiny_data, tmp_path / "two", "--cpu_devices", "2")
-    r = subprocess.run([sys.executable, "-m", "train.lora", *args], env=env, cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run([sys.executable, "-m", "train.lora", *args], env=subprocess_env(), cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     log = r.stdout + r.stderr
     assert "CPU split into 2 XLA devices" in log and "on 2 device(s)" in log, log[-3000:]
