@@ -2,18 +2,17 @@
 trainer's summary line."""
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import ROOT, subprocess_env
 from minimind_jax import load_tokenizer
 from train import data_report
 from train.data import load_sft_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
 MAX_LEN = 64
 
 
@@ -99,7 +98,7 @@ def test_report_counts_equal_hand_counts(files, tokenizer, capsys):
 
 def test_cli_prints_the_report_and_writes_the_histogram(files):
     png = files["dir"] / "lengths.png"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "MINIMIND_JAX_CACHE": str(files["cache"])}
+    env = subprocess_env(MINIMIND_JAX_CACHE=str(files["cache"]))
     p = subprocess.run([sys.executable, "-m", "train.data_report", f"{files['a']},{files['b']}", "--max_seq_len",
                         str(MAX_LEN), "--batch_size", "4", "--png", str(png)], capture_output=True, text=True,
                        env=env, cwd=ROOT, timeout=120)

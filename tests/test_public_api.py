@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
+
 EXAMPLES = sorted((ROOT / "examples").rglob("*.py"))
 PUBLIC = ("minimind_jax", "lora", "convert", "train", "serve")
 LOCAL = {"common"}  # examples/common.py, imported by the examples beside it
