@@ -1,7 +1,7 @@
 """Several real `python -m train.lora` processes on localhost, coordinated by jax.distributed (CPU collectives:
 gloo), against one process with the same total number of devices: same losses, same adapter, and the saves (the
 adapter by process 0, the resume state by every process) do not deadlock or crash; a run resumes on another
-number of processes; the multi-process commands of the README and of `python -m train.lora -h` are the ones run
+number of processes; the multi-process commands of docs/training.md and of `python -m train.lora -h` are the ones run
 here.
 
 What is exact and what is not: the same total devices give the same global batch of samples, the same steps, the
@@ -50,16 +50,16 @@ def _tiny_flags(tiny: Path, save_dir: Path, *extra) -> list:
 
 
 def documented_commands(text: str) -> list[str]:
-    """The localhost multi-process command lines in `text` (the README, or `python -m train.lora -h`)."""
+    """The localhost multi-process command lines in `text` (docs/training.md, or `python -m train.lora -h`)."""
     return [m.group(1) for m in re.finditer(r"^\s*(python -m train\.lora .*--process_id \d+)\s*&?\s*$", text, re.M)]
 
 
 def _commands(processes: int, devices: int, port: int) -> list[list]:
-    """argv of each process of a run with `devices` CPU devices in all: the README's (and -h's) two-process lines
-    as they are written (their port replaced by a free one), for other counts the same with those counts."""
+    """argv of each process of a run with `devices` CPU devices in all: the documented (and -h's) two-process lines
+    as docs/training.md writes them (their port replaced by a free one), for other counts the same with those counts."""
     if processes == 1:
         return [[sys.executable, "-m", "train.lora", "--cpu_devices", str(devices)]]
-    lines = documented_commands((ROOT / "README.md").read_text(encoding="utf-8"))
+    lines = documented_commands((ROOT / "docs" / "training.md").read_text(encoding="utf-8"))
     assert len(lines) == 2, lines
     out = []
     for i in range(processes):
@@ -140,9 +140,9 @@ def _assert_same_run(got: Path, want: Path) -> None:
 
 
 def test_documented_commands_are_the_tested_ones():
-    """The README and `python -m train.lora -h` show the same two-process lines, which `_commands` runs as written
+    """docs/training.md and `python -m train.lora -h` show the same two-process lines, which `_commands` runs as written
     (with a free port and this file's tiny settings added)."""
-    readme = documented_commands((ROOT / "README.md").read_text(encoding="utf-8"))
+    readme = documented_commands((ROOT / "docs" / "training.md").read_text(encoding="utf-8"))
     assert readme == documented_commands(build_parser().format_help())
     assert readme == ["python -m train.lora --cpu_devices 1 --coordinator 127.0.0.1:1234 --num_processes 2 "
                       f"--process_id {i}" for i in range(2)]
@@ -169,6 +169,27 @@ def test_four_processes_train_like_one_with_four_devices(tiny):
     assert sorted(p.name for p in (tiny / "four").iterdir()) == sorted(p.name for p in (tiny / "one4").iterdir())
     assert "saved adapter" in outs[0] and not any("saved adapter" in o for o in outs[1:])
     assert not any("Epoch:[" in o for o in outs[1:])  # the others do not log the steps
+
+
+@pytest.mark.slow  # two sweeps of four members: three JAX processes
+def test_a_sweep_over_two_processes_trains_like_one(tiny):
+    """A sweep is the plain run's loop over several members, so it runs over processes as a plain run does: each
+    member's losses and adapter equal the one-process sweep's (rtol 1e-5: see the module docstring), and only
+    process 0 writes the members' files and the sweep's table."""
+    sweep = ("--sweep", "learning_rate=5e-3,2e-2", "--sweep", "rank=2,3", "--alpha", "4")
+    _train(tiny, tiny / "sweep1", 1, 2, *sweep)
+    outs = _train(tiny, tiny / "sweep2", 2, 2, *sweep)
+    tags = [f"lr{lr}_rank{r}" for lr in ("5e-3", "2e-2") for r in (2, 3)]
+    for tag in tags:
+        got, want = (json.loads((d / f"lora_identity_{tag}_metrics.jsonl").read_text().splitlines()[-1])
+                     for d in (tiny / "sweep2", tiny / "sweep1"))
+        assert got["step"] == want["step"] == TOTAL_STEPS
+        np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
+        for x, y in zip(*(jax.tree.leaves(convert.load_adapter(d / f"lora_identity_{tag}_32.ckpt").weights)
+                          for d in (tiny / "sweep2", tiny / "sweep1"))):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+    assert sorted(p.name for p in (tiny / "sweep2").iterdir()) == sorted(p.name for p in (tiny / "sweep1").iterdir())
+    assert "adapters trained together" in outs[0] and "adapters trained together" not in outs[1]
 
 
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2)], ids=["2procs-to-1", "1proc-to-2"])

@@ -20,7 +20,7 @@ from minimind_jax import MiniMindConfig, MiniMindForCausalLM
 from minimind_jax.buckets import bucket_length
 from train import batch as B, step as S
 from train.config import RunConfig
-from train.run import run
+from train import run
 
 V = 96
 CFG = MiniMindConfig(hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -84,9 +84,11 @@ def test_bucket_is_monotone_and_capped():
 
 
 def _step(step, state, params, batch, lr=1e-3, update=True, **prepare_kw):
-    """prepare_batch (rows -> chunks) then one train step, as train.lora runs it."""
+    """prepare_batch (rows -> chunks) then one train step, as train.lora runs it (one member: the step takes and
+    returns states stacked on a member axis) -> (state, metrics) of that member."""
     chunks, n_chunks, cap, _ = B.prepare_batch(batch, **prepare_kw)
-    return step(state, params, chunks, np.int32(n_chunks), lr, cap=cap, update=update)
+    out = step(S.stack_states([state]), params, chunks, np.int32(n_chunks), np.float32([lr]), cap=cap, update=update)
+    return jax.tree.map(lambda x: x[0], out)
 
 
 @pytest.mark.parametrize("cfg,rows_per_device", [(CFG, 1), (CFG, 2), (MOE, 3)],
@@ -338,7 +340,7 @@ for n in (1, 4, "spmd", "4-notail"):  # "spmd": the loop over whole chunks (no m
     mesh = sharding.make_mesh(jax.devices()[:1 if n == 1 else 4])
     step = S.make_train_step(model, tx, accumulation_steps=2,
                              state_sharding=None if n == "spmd" else sharding.replicated(mesh))
-    state = sharding.replicate(S.init_state(adapter, tx), mesh)
+    state = sharding.replicate(S.stack_states([S.init_state(adapter, tx)]), mesh)
     p = sharding.replicate(params, mesh)
     losses = []
     rs = np.random.RandomState(0)
@@ -351,8 +353,8 @@ for n in (1, 4, "spmd", "4-notail"):  # "spmd": the loop over whole chunks (no m
                                                    tail=None if n == "4-notail" else 9)
         batch = sharding.put_batch(chunks, mesh)
         assert len(batch["input_ids"].sharding.device_set) == d
-        state, m = step(state, p, batch, np.int32(n_chunks), 1e-2, cap=cap, update=i % 2 == 1)
-        losses.append(float(m["loss"]))
+        state, m = step(state, p, batch, np.int32(n_chunks), np.float32([1e-2]), cap=cap, update=i % 2 == 1)
+        losses.append(float(m["loss"][0]))
     out[n] = losses
 print("RESULT " + json.dumps(out))
 """
@@ -398,7 +400,7 @@ def _cli(tiny_data, save_dir, *extra):
 
 
 def _run(tiny_data, save_dir, *extra, on_step=None):
-    """train.run.run on the CLI's settings, with an on_step callback."""
+    """train.run on the CLI's settings, with an on_step callback."""
     return run(RunConfig.from_argv(_cli_args(tiny_data, save_dir, "--cpu_devices", "1", *extra)), on_step=on_step)
 
 
@@ -420,14 +422,14 @@ def test_cli_end_to_end(tiny_data, tmp_path):
 
     out = _cli(tiny_data, tmp_path, "--pack", "0", "--accumulation_steps", "2", "--max_new_tokens", "3")
     ckpt = tmp_path / "lora_identity_32.ckpt"
-    assert Path(out["adapter_path"]) == ckpt and ckpt.is_dir()
+    assert Path(out.adapter_path) == ckpt and ckpt.is_dir()
     adapter = convert.load_adapter(ckpt)
-    for x, y in zip(jax.tree.leaves(adapter.weights), jax.tree.leaves(out["adapter"].weights)):
+    for x, y in zip(jax.tree.leaves(adapter.weights), jax.tree.leaves(out.adapter.weights)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     meta = json.loads((ckpt / "adapter.json").read_text())
     assert meta["rank"] == 8 and meta["base_config"]["hidden_size"] == 32 and meta["base_fingerprint"]
     rows = read_metrics(tmp_path / "lora_identity_metrics.jsonl")
-    assert len(rows) == out["steps"] == 8 and set(S_FIELDS) <= set(rows[0])
+    assert len(rows) == out.steps == 8 and set(S_FIELDS) <= set(rows[0])
     total = rows[-1]["step"]
     for r in rows:
         assert r["lr"] == pytest.approx(S.get_lr(r["step"], total, 5e-3))
@@ -436,8 +438,8 @@ def test_cli_end_to_end(tiny_data, tmp_path):
     assert all(a["time_s"] <= b["time_s"] for a, b in zip(rows, rows[1:]))  # seconds since the loop started
     b_trained = [np.abs(np.asarray(x)).max() > 0 for x in jax.tree.leaves(adapter.weights) if x.shape[0] == 8]
     assert any(b_trained)
-    assert len(out["answers_before"]) == 2 and len(out["answers_after"]) == 2
-    assert out["updates"] == 4  # 4 micro-steps per epoch, accumulation 2
+    assert len(out.answers_before) == 2 and len(out.answers_after) == 2
+    assert out.updates == 4  # 4 micro-steps per epoch, accumulation 2
     assert meta["base_random_seed"] == 42 and meta["base_weight"] is None
 
 
@@ -448,13 +450,13 @@ def test_chat_answers_with_the_trained_adapter_over_its_random_base(tiny_data, t
 
     out = _cli(tiny_data, tmp_path, "--max_new_tokens", "6", "--prompts", "你是谁？")
     printed = capsys.readouterr()
-    assert f"python -m serve.openai --lora lora_identity={out['adapter_path']}" in printed.out + printed.err
-    chat.main(["--lora", out["adapter_path"], "--prompt", "你是谁？", "--greedy", "--max_new_tokens", "6",
+    assert f"python -m serve.openai --lora lora_identity={out.adapter_path}" in printed.out + printed.err
+    chat.main(["--lora", out.adapter_path, "--prompt", "你是谁？", "--greedy", "--max_new_tokens", "6",
                "--show_speed", "0"])
     got = capsys.readouterr()
     assert "the random-init base" in got.err and "seed 42" in got.err
     answer = got.out.split("🧠: ", 1)[1].strip()
-    assert answer == out["answers_after"][0]
+    assert answer == out.answers_after[0]
 
 
 S_FIELDS = ("step", "epoch", "loss", "aux_loss", "lr", "grad_norm", "tokens_per_s")
@@ -468,14 +470,14 @@ def test_padded_and_packed_runs_give_the_same_losses(tiny_data, tmp_path, moe):
     two gradients differ by the aux terms, is compared exactly."""
     extra = ("--use_moe", "1") if moe else ()
     runs = {p: _cli(tiny_data, tmp_path / f"pack{p}", "--pack", str(p), *extra) for p in (0, 1)}
-    assert runs[0]["steps"] == runs[1]["steps"] == 8  # ceil(14 / 4) steps x 2 epochs, as MiniMind
-    ce = {p: [h["loss"] - h["aux_loss"] for h in r["history"]] for p, r in runs.items()}
+    assert runs[0].steps == runs[1].steps == 8  # ceil(14 / 4) steps x 2 epochs, as MiniMind
+    ce = {p: [h["loss"] - h["aux_loss"] for h in r.history] for p, r in runs.items()}
     if not moe:
-        np.testing.assert_allclose(runs[1]["losses"], runs[0]["losses"], rtol=1e-5)
-        for x, y in zip(jax.tree.leaves(runs[0]["adapter"].weights), jax.tree.leaves(runs[1]["adapter"].weights)):
+        np.testing.assert_allclose(runs[1].losses, runs[0].losses, rtol=1e-5)
+        for x, y in zip(jax.tree.leaves(runs[0].adapter.weights), jax.tree.leaves(runs[1].adapter.weights)):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
     else:
-        assert all(h["aux_loss"] > 0 for r in runs.values() for h in r["history"])
+        assert all(h["aux_loss"] > 0 for r in runs.values() for h in r.history)
         np.testing.assert_allclose(ce[1][0], ce[0][0], rtol=1e-5)
         np.testing.assert_allclose(ce[1], ce[0], rtol=1e-3)
 
@@ -492,8 +494,8 @@ def test_packed_rows_follow_the_data_not_max_seq_len(tiny_data, tmp_path, capsys
     assert row == -(-ds.longest(0.2) // 16) * 16 < 256 and ds.longest(0.2) > 64
     printed = capsys.readouterr()
     assert f"packed into rows of {row} tokens" in printed.out + printed.err
-    np.testing.assert_allclose(runs[1]["losses"], runs[0]["losses"], rtol=1e-5)
-    for x, y in zip(jax.tree.leaves(runs[0]["adapter"].weights), jax.tree.leaves(runs[1]["adapter"].weights)):
+    np.testing.assert_allclose(runs[1].losses, runs[0].losses, rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(runs[0].adapter.weights), jax.tree.leaves(runs[1].adapter.weights)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
 
 
@@ -501,7 +503,7 @@ def test_fresh_run_compiles_its_first_step_before_making_the_base(tiny_data, tmp
     """setup starts the first step's compile from shapes, then makes the random base; the step then runs the real
     arrays through that same executable (one compile) and trains as a plain run does."""
     from minimind_jax.model import init_params
-    from train import run as run_lib
+    from train import trainer as run_lib
 
     events = []
     start, init = S.CompiledSteps.start, run_lib.init_params
@@ -517,14 +519,14 @@ def test_fresh_run_compiles_its_first_step_before_making_the_base(tiny_data, tmp
     out = run_lib.drive(job, state)
     assert len(job.train_step.compile_s) == 1 and events.count("compile") == 2  # drive's start found it started
     plain = _run(tiny_data, tmp_path / "plain", "--from_resume", "1")  # no checkpoint there: starts fresh, no early
-    np.testing.assert_allclose(out["losses"], plain["losses"], rtol=1e-6)
+    np.testing.assert_allclose(out.losses, plain.losses, rtol=1e-6)
 
 
 def test_resume_reproduces_uninterrupted_run(tiny_data, tmp_path):
     from train.metrics import read_metrics
 
     full = _cli(tiny_data, tmp_path / "a", "--accumulation_steps", "2", "--save_interval", "3", "--batch_size", "2")
-    steps = full["steps"]
+    steps = full.steps
     assert steps >= 6
     b = tmp_path / "b"
     with pytest.raises(_Crash):  # after micro-step 4, whose state was never saved (the last save was at 3)
@@ -537,12 +539,12 @@ def test_resume_reproduces_uninterrupted_run(tiny_data, tmp_path):
     (stale / "junk").write_text("x")
     res = _cli(tiny_data, b, "--accumulation_steps", "2", "--save_interval", "3", "--batch_size", "2",
                "--from_resume", "1")
-    assert res["steps"] == steps - 3
+    assert res.steps == steps - 3
     a_rows = read_metrics(tmp_path / "a" / "lora_identity_metrics.jsonl")
     b_rows = read_metrics(b / "lora_identity_metrics.jsonl")
     assert [r["step"] for r in b_rows] == [r["step"] for r in a_rows]
     np.testing.assert_allclose([r["loss"] for r in b_rows], [r["loss"] for r in a_rows], rtol=1e-6)
-    for x, y in zip(jax.tree.leaves(full["adapter"].weights), jax.tree.leaves(res["adapter"].weights)):
+    for x, y in zip(jax.tree.leaves(full.adapter.weights), jax.tree.leaves(res.adapter.weights)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-8)
     kept = sorted(int(p) for p in os.listdir(rdir) if p.isdigit())
     assert len(kept) == 2 and kept[-1] == steps
@@ -571,7 +573,7 @@ def test_cli_cpu_split_matches_one_device(tiny_data, tmp_path):
     log = r.stdout + r.stderr
     assert "CPU split into 2 XLA devices" in log and "on 2 device(s)" in log, log[-3000:]
     two = [row["loss"] for row in read_metrics(tmp_path / "two" / "lora_identity_metrics.jsonl")]
-    np.testing.assert_allclose(two, one["losses"], rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(two, one.losses, rtol=2e-5, atol=2e-5)
 
 
 def test_cli_compile_cache_reused_and_survives_torn_entries(tiny_data, tmp_path):
@@ -622,8 +624,8 @@ def _learning_run(tiny_data, save_dir, *extra):
     difference grows)."""
     out = _cli(tiny_data, save_dir, "--hidden_size", "64", "--num_hidden_layers", "2", "--targets", "all-linear",
                "--epochs", "8", "--learning_rate", "5e-3", *extra)
-    assert out["steps"] == 32
-    return np.asarray(out["losses"])
+    assert out.steps == 32
+    return np.asarray(out.losses)
 
 
 @pytest.fixture(scope="module")
