@@ -4,7 +4,7 @@
     PYTHONPATH=. python bench/train_profile.py --steps 10,20 --top 15
     PYTHONPATH=. python bench/train_profile.py --smoke         # tiny sizes: checks the script runs
 
-The trainer's own setup (`train.run.setup`: MiniMind2-small 512x8 random-init base, rank 8, B16, max_seq_len 340,
+The trainer's own setup (`train.trainer.setup`: MiniMind2-small 512x8 random-init base, rank 8, B16, max_seq_len 340,
 packed sample batches, the CPU split into data devices) runs the epoch's first steps; those in `--steps` run under
 `jax.profiler` with XLA:CPU's per-op trace events on. Each device's op time is summed by category, from the op's
 source in the compiled step (its HLO `op_name`): the MLP, attention-projection and vocabulary matmuls, the rest of

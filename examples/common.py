@@ -56,7 +56,7 @@ class Lab:
 
     def __init__(self, args: argparse.Namespace):
         self.args, self.out = args, Path(args.out)
-        a = args  # the base every adapter of these flags is trained on (train.run's, for a run without --from_weight)
+        a = args  # the base every adapter of these flags is trained on (train.lora's, for a run without --from_weight)
         self.config, self.params, _ = convert.load_base(None, hidden_size=a.hidden_size,
                                                         num_hidden_layers=a.num_hidden_layers, seed=a.seed)
         self.model = MiniMindForCausalLM(self.config)

@@ -1,8 +1,8 @@
-"""`python -m train.lora --sweep ...` (train/sweep.py): several adapters trained in one vmapped step, each equal to its
-solo run. One real sweep (a subprocess, 12 members over learning_rate x rank x seed, ranks padded and masked, each its
-own scale, and an lr of 1e38 whose members diverge) is compared with the solo runs of two members that differ in every
-swept key, and with a sweep that is killed and resumed. The subprocess fills a compilation cache that the in-process
-resumed sweep reads (conftest's compile_cache), so the suite compiles the sweep's step once."""
+"""`python -m train.lora --sweep ...` (train/members.py): several adapters trained in one vmapped step, each equal
+to its solo run. One real sweep (a subprocess, 12 members over learning_rate x rank x seed, ranks padded and masked,
+each its own scale, and an lr of 1e38 whose members diverge) is compared with the solo runs of two members that differ
+in every swept key, and with a sweep that is killed and resumed. The subprocess fills a compilation cache that the
+in-process resumed sweep reads (conftest's compile_cache), so the suite compiles the sweep's step once."""
 import dataclasses
 import json
 import subprocess

@@ -1,5 +1,5 @@
-"""LoRA SFT training (train/step.py, train/batch.py, train/run.py via the train.lora CLI, train/resume.py,
-train/sharding.py): tiny configs only."""
+"""LoRA SFT training (train/step.py, train/batch.py, train/trainer.py and train/loop.py via the train.lora CLI,
+train/resume.py, train/sharding.py): tiny configs only."""
 import json
 import math
 import os

@@ -9,7 +9,7 @@ in one place. A bad value raises ConfigError (the CLI prints it as one `error:` 
 The settings MiniMind's trainer and the bundled demo disagree on (DEMO / REAL) default to None = "this kind of
 run's default": `__post_init__` fills them in from DEMO when the run is the bundled demo (random-init base,
 bundled data), else from REAL. They stay filled in afterwards, so `dataclasses.replace(cfg, data_path=...)` keeps
-them: pass them as None again to re-resolve. `dtype` None stays None until JAX is up (train.run picks float32 on
+them: pass them as None again to re-resolve. `dtype` None stays None until JAX is up (train.trainer picks float32 on
 a CPU, bfloat16 on a GPU/TPU): asking JAX for its backend here would start it before the CPU split is chosen.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The pieces of a run, each built from its RunConfig: the base model, the tokenizer and data, the batch plan, the
-adapter. Builders return plain values and a note for the log; train.run puts them together and logs the notes.
+adapter. Builders return plain values and a note for the log; train.trainer puts them together and logs the notes.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def resolve_names(cfg: RunConfig) -> RunConfig:
 def load_base(cfg: RunConfig, shapes_only: bool = False):
     """-> (config, params, note): convert.load_base of --from_weight (a path: `resolve_names` first for MiniMind
     names), or of a random MiniMind2-small-shaped base (seed --seed). shapes_only: a random base's params as
-    jax.ShapeDtypeStruct leaves, made later (train.run.Prepared.with_base), so that the train step can compile
+    jax.ShapeDtypeStruct leaves, made later (train.trainer.Prepared.with_base), so that the train step can compile
     meanwhile."""
     weight = None if cfg.random_base else cfg.from_weight
     config, params, note = convert.load_base(weight, hidden_size=cfg.hidden_size,

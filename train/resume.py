@@ -1,7 +1,7 @@
 """Where a run writes, and its full train state for `--from_resume 1`.
 
 - The adapter: `<save_dir>/<lora_name>_<hidden>[_moe].ckpt` (MiniMind's naming, `.ckpt` instead of `.pth`), an orbax
-  adapter directory with metadata, written by train.run with `convert.save_adapter` (atomic: temp sibling, then
+  adapter directory with metadata, written by the training loop with `convert.save_adapter` (atomic: temp sibling, then
   rename).
 - The full train state for `--from_resume 1`: `<save_dir>/checkpoints/<lora_name>_<hidden>[_moe]_resume/<step>/`
   through an orbax CheckpointManager (keeps the last 2). Each step directory holds `state` (adapter, optimizer
@@ -9,7 +9,7 @@
   writes into `<step>.orbax-checkpoint-tmp-*` and renames when complete, so an interrupted save leaves only a tmp
   directory, which `latest_step` never lists (and a save that fails removes it: see `save`).
 - A full disk: `disk_full(exc)` recognises ENOSPC (or a full quota) however it reaches the trainer (an OSError from a
-  Python write, or tensorstore's RESOURCE_EXHAUSTED for orbax's array writes); train.run turns it into `DiskFull`,
+  Python write, or tensorstore's RESOURCE_EXHAUSTED for orbax's array writes); train.loop turns it into `DiskFull`,
   which names what was being saved and the last complete checkpoint.
 """
 from __future__ import annotations
