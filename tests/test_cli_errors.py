@@ -56,6 +56,7 @@ def test_bad_input_is_one_error_line(tmp_path, case):
     assert not save_dir.exists() or not any(save_dir.iterdir()), f"wrote {list(save_dir.rglob('*'))}"
 
 
+@pytest.mark.slow
 def test_resume_state_of_another_run_is_refused(tmp_path):
     """--from_resume 1 over the state of another run (other data, other rank) names the setting, writes nothing."""
     data = _write(tmp_path / "a.jsonl", GOOD + "\n" + GOOD.replace("ok", "fine") + "\n")
@@ -73,6 +74,7 @@ def test_resume_state_of_another_run_is_refused(tmp_path):
     assert sorted((p, p.stat().st_mtime_ns) for p in save_dir.rglob("*")) == before  # nothing touched
 
 
+@pytest.mark.slow
 def test_unusable_default_compile_cache_is_skipped(tmp_path):
     """The default compile cache is a convenience: where it cannot be created the run says so in one line and
     trains without it."""

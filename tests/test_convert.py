@@ -449,6 +449,7 @@ def test_cli_models_and_merge(tmp_path, capsys):
     assert not (tmp_path / "x.pth").exists()
 
 
+@pytest.mark.slow
 def test_cli_subprocess_and_help(tmp_path):
     ld = fixture_dir("v3_tiny_lora")
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"}

@@ -51,6 +51,7 @@ class Collect:
         return Sink()
 
 
+@pytest.mark.slow
 def test_every_request_gets_what_generate_gives_it_alone(tiny):
     params, adapters = tiny
     engine = Engine(params, TINY, max_batch=4, max_seq_len=128, eos_token_id=None)
@@ -156,6 +157,7 @@ def test_a_failing_prefill_ends_its_request_and_the_engine_keeps_serving(tiny, m
     assert "device lost" in repr(engine.error)
 
 
+@pytest.mark.slow
 def test_after_compile_all_serving_compiles_nothing(tiny):
     """compile_all covers every program a request can need (all row buckets, cache lengths, prompt buckets and the
     copies between them): requests of many lengths, adapters, sampling settings and arrival patterns compile

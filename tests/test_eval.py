@@ -71,6 +71,7 @@ def _direct(path, adapter, max_seq_len=64):
     return nll / count, kl / count, (config, params, model)
 
 
+@pytest.mark.slow
 def test_eval_loss_and_forgetting_equal_a_direct_computation(data, evaluated):
     _, summary = evaluated
     m = summary.members[0]
@@ -92,6 +93,7 @@ def test_eval_loss_and_forgetting_equal_a_direct_computation(data, evaluated):
     assert [r["eval_loss"] for r in rows if "eval_loss" in r] == m.eval_losses
 
 
+@pytest.mark.slow
 def test_save_best_keeps_the_lowest_eval_loss(data, evaluated):
     out, summary = evaluated
     m = summary.members[0]
@@ -150,6 +152,7 @@ def test_held_out_samples_never_reach_a_training_batch(data):
         assert (set(h.line.tolist()) == held_lines) is same
 
 
+@pytest.mark.slow
 def test_resumed_run_with_eval_ratio_equals_the_uninterrupted_one(data, tmp_path):
     """A run with --eval_ratio and --early_stop state, killed and resumed: the same training and eval records."""
     args = tiny_train_args(data, tmp_path / "a", "--cpu_devices", "1", "--eval_ratio", "0.3", "--eval_interval", "2",
@@ -193,6 +196,7 @@ def test_early_stop_stops_after_k_evaluations_without_improvement(data, tmp_path
     assert (meta["epoch"] - 1) * 4 + meta["step"] == stop  # the adapter of the step it stopped at
 
 
+@pytest.mark.slow
 def test_sweep_members_get_their_solo_runs_eval_losses(data, tmp_path):
     sweep = run(RunConfig.from_argv(_args(data, tmp_path / "sweep", "--sweep", "learning_rate=5e-3,2e-2")))
     solo = run(RunConfig.from_argv(_args(data, tmp_path / "solo", "--learning_rate", "2e-2")))

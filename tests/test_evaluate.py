@@ -76,6 +76,7 @@ def _direct(path, params, model, adapter):
     return -token[valid].sum() / n, (lp.argmax(-1) == labels)[valid].sum() / n, kl[valid].sum() / n
 
 
+@pytest.mark.slow
 def test_an_adapters_row_equals_a_direct_computation(files, scored):
     d, config, params, a, _ = files
     rows = {r["name"]: r for r in scored["rows"]}
@@ -97,6 +98,7 @@ def test_an_adapters_row_equals_a_direct_computation(files, scored):
     assert json.loads((d / "results.json").read_text(encoding="utf-8"))["rows"] == scored["rows"]
 
 
+@pytest.mark.slow
 def test_a_mix_equals_the_adapter_merged_by_hand(files, scored):
     d, config, params, a, b = files
     rows = {r["name"]: r for r in scored["rows"]}
@@ -110,6 +112,7 @@ def test_a_mix_equals_the_adapter_merged_by_hand(files, scored):
     assert abs(mix["loss"] - rows["a"]["loss"]) > 1e-4  # b's half moved it: the comparison means something
 
 
+@pytest.mark.slow
 def test_generation_scores_are_the_mean_of_each_answers(scored):
     refs = [json.loads(x)["conversations"][-1]["content"] for x in HELD.read_text(encoding="utf-8").splitlines()[:5]]
     assert len(scored["samples"]) == 2 and scored["samples"][0]["reference"] == refs[0]
@@ -130,6 +133,7 @@ def test_exact_match_and_char_f1_on_hand_made_pairs():
     assert f1("", "") == 1.0 and f1("", "x") == 0.0 and f1("abc", "xyz") == 0.0
 
 
+@pytest.mark.slow
 def test_equals_the_trainers_eval_loss(files, tmp_path):
     """A tiny train.run with --eval_data: its last eval loss is train.evaluate's loss on the saved adapter, over the
     random base the adapter records (no --weight, no shape flags)."""
@@ -153,6 +157,7 @@ def test_equals_the_trainers_eval_loss(files, tmp_path):
      "'zzz' is not a loaded adapter"),
     ("another base", ["--lora", "{d}/wide.ckpt"], "does not fit the base model"),
 ])
+@pytest.mark.slow
 def test_bad_inputs_are_one_error_line(files, case, extra, says):
     d = files[0]
     argv = [x.format(d=d) for x in ["--data_path", "{d}/held.jsonl", *SHAPE, "--save_dir", "{d}", *extra]]

@@ -42,6 +42,7 @@ def test_capitals_data_is_what_its_maker_writes():
     assert [json.loads(x) for x in lines] == rows and len(rows) == 240
 
 
+@pytest.mark.slow
 def test_compose(examples, capsys):
     r = examples("compose", "--max_new_tokens", "3")  # the answers' paths too: merged, and one adapter per row
     L = r["losses"]
@@ -53,6 +54,7 @@ def test_compose(examples, capsys):
     assert len(r["answers"]["per_row"]) == 2 and len(r["answers"]) == 7
 
 
+@pytest.mark.slow
 def test_forget(examples):
     r = examples("forget")
     L = r["losses"]
@@ -63,6 +65,7 @@ def test_forget(examples):
         assert L["forgot"][d] == pytest.approx(L["b"][d], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_interpolate(examples):
     r = examples("interpolate", "--points", "5")
     c, ends = r["curves"], r["ends"]
@@ -74,6 +77,7 @@ def test_interpolate(examples):
     assert len(r["t"]) == 5
 
 
+@pytest.mark.slow
 def test_compress(examples):
     r = examples("compress", "--ranks", "1,4,8")  # each rank compiles the loss anew: three of them
     full, *rows = r["rows"]
@@ -85,12 +89,14 @@ def test_compress(examples):
         assert rows[-1][d] == pytest.approx(full[d], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_evaluate_many(examples):
     r = examples("evaluate_many", "--n_adapters", "4")
     assert len(r["vmap"]) == len(r["per_row"]) == 4 and r["max_diff"] < 1e-5  # vmap and per-row vs separate
     assert len(set(np.round(r["separate"], 5))) == 4  # four different adapters, four different scores
 
 
+@pytest.mark.slow
 def test_grad_through_merge(examples):
     r = examples("grad_through_merge", "--steps", "6", "--lr", "0.1")
     losses = [x[2] for x in r["trace"]]

@@ -132,6 +132,7 @@ def test_eos_pads_rows_and_stops_when_all_finished(tiny):
 
 
 # --------------------------------------------------------------------------------------------- sampling
+@pytest.mark.slow
 def test_sampling_reproducible_per_seed_and_stream_matches(tiny):
     config, params = tiny
     ids = _prompts(5, 2, 5)
@@ -230,6 +231,7 @@ def _random_adapter(params, seed, rank, alpha=None):
     return a.replace(weights=w)
 
 
+@pytest.mark.slow
 def test_multi_adapter_rows_equal_single_adapter_runs(tiny):
     config, params = tiny
     a1, a2 = _random_adapter(params, 1, 3), _random_adapter(params, 2, 5, alpha=10.0)  # ranks/scales differ

@@ -22,6 +22,8 @@ import convert
 from conftest import subprocess_env, tiny_train_args, write_tiny_data
 from train.resume import ResumeManager
 
+pytestmark = pytest.mark.slow  # whole training runs in subprocesses, killed and resumed
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):

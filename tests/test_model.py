@@ -151,6 +151,7 @@ def test_tiny_odd_configs_shapes(family, extra):
     assert np.isfinite(float(out.loss))
 
 
+@pytest.mark.slow
 def test_moe_with_one_expert_equals_dense_mlp():
     """Top-1 of one expert with renormalised weight 1 is exactly that expert: MoE reduces to the dense MLP."""
     dense_cfg = MiniMindConfig(family="minimind3", **TINY)

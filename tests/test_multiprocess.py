@@ -150,6 +150,7 @@ def test_documented_commands_are_the_tested_ones():
     build_parser().parse_args(shlex.split(readme[0])[3:])  # every flag exists
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_with_two_devices(tiny, one_process):
     outs = _train(tiny, tiny / "two", 2, 2)
     _assert_same_run(tiny / "two", one_process)
@@ -193,6 +194,7 @@ def test_a_sweep_over_two_processes_trains_like_one(tiny):
 
 
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2)], ids=["2procs-to-1", "1proc-to-2"])
+@pytest.mark.slow
 def test_resume_on_another_number_of_processes(tiny, one_process, tmp_path, before, after):
     """A run of `before` processes (two CPU devices in all) is stopped after step 2 and resumed with `after`
     processes (the same two devices in all): the data position and the optimizer state carry over, the resumed
@@ -210,6 +212,7 @@ def test_resume_on_another_number_of_processes(tiny, one_process, tmp_path, befo
     _assert_same_run(tmp_path, one_process)
 
 
+@pytest.mark.slow
 def test_a_dead_process_stops_the_others_with_one_line(tiny, tmp_path):
     """kill -9 one of two processes mid-run: the other exits at its next collective, at once, with one error line
     (not a hang until the coordinator's heartbeat timeout, not a traceback)."""

@@ -124,6 +124,7 @@ def minimind_out(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_chat_runs_minimind_eval_command(minimind_out, tmp_path):
     """`python -m serve.chat --weight full_sft --lora_weight lora_identity`: MiniMind's eval_llm.py command."""
     proc, out = _cli(tmp_path, "serve.chat", "--save_dir", str(minimind_out), "--weight", "full_sft",

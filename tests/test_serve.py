@@ -24,6 +24,7 @@ from minimind_jax.generate import generate
 from minimind_jax.model import init_params
 from minimind_jax.tokenizer import load_tokenizer
 
+pytestmark = pytest.mark.slow  # a server (or a training run) in a subprocess behind every test
 KEY = "sk-test-key"
 CONFIG = MiniMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 QUESTIONS = ["你是谁？", "Who are you?", "讲个笑话", "What is 2+2?", "为什么天空是蓝色的", "hello"]

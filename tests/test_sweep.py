@@ -52,6 +52,7 @@ def swept(data, tmp_path_factory):
 
 
 @pytest.mark.parametrize("tag", ["lr5e-3_rank2_seed1", "lr2e-2_rank3_seed2"])
+@pytest.mark.slow
 def test_member_equals_its_solo_run(data, swept, tmp_path, tag):
     """A member trains exactly as the solo run of its settings: the same loss at every step and the same final
     adapter (within 1e-5), cut back to its own rank. `seed=` sweeps the adapter's init (the sample order and the
@@ -83,6 +84,7 @@ def test_member_equals_its_solo_run(data, swept, tmp_path, tag):
     assert meta["sweep_member"] == settings and meta["base_random_seed"] == 42
 
 
+@pytest.mark.slow
 def test_cli_writes_every_member_and_the_summary(swept):
     out, log = swept
     summary = json.loads((out / "lora_identity_sweep_summary.json").read_text())
@@ -118,6 +120,7 @@ class _Crash(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_to_the_same_adapters(data, swept, tmp_path):
     """--from_resume 1 continues a sweep from its stacked train state: the same losses and adapters as the
     uninterrupted sweep (the diverged members stay frozen)."""

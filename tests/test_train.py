@@ -93,6 +93,7 @@ def _step(step, state, params, batch, lr=1e-3, update=True, **prepare_kw):
 
 @pytest.mark.parametrize("cfg,rows_per_device", [(CFG, 1), (CFG, 2), (MOE, 3)],
                          ids=["dense-3chunks", "dense-2chunks", "moe"])
+@pytest.mark.slow
 def test_step_loss_is_model_loss_plus_aux(cfg, rows_per_device, tx):
     """The step's loop over chunks of rows gives the whole batch's loss (MoE: one chunk, MiniMind's aux loss)."""
     model, params = _params(cfg)
@@ -142,6 +143,7 @@ def test_prepare_batch_tail():
 
 
 @pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.slow
 def test_labels_only_projection_equals_full_logits(dense, groups):
     """Projecting only the labelled positions (gathered per group of rows: 1 = the whole batch, 4 = per row)
     gives the full-logits loss and gradients."""
@@ -164,6 +166,7 @@ def test_labels_only_projection_equals_full_logits(dense, groups):
 
 
 @pytest.mark.parametrize("prompt", [3, 36], ids=["most-labelled", "few-labelled"])
+@pytest.mark.slow
 def test_blocked_vocabulary_loss_equals_full_logits(dense, prompt):
     """train.vocab_loss (the labelled positions projected BLOCK at a time, the gradient taken inside the loop)
     gives the full-logits loss and the adapter's gradients; counts of several blocks and a part block, and a row
@@ -183,6 +186,7 @@ def test_blocked_vocabulary_loss_equals_full_logits(dense, prompt):
 
 
 @pytest.mark.parametrize("prompt", [4, 28], ids=["full-logits", "labels-only"])
+@pytest.mark.slow
 def test_lm_head_adapter_gets_the_models_gradient(tx, prompt):
     """An adapter on an untied lm_head (--targets ...,lm_head): the step's vocabulary projection runs through the
     adapter's branch, so the lm_head factors get the model's own gradient (they got none when the projection read
@@ -215,6 +219,7 @@ def _identity_loader(tmp_path, n, batch, **kw):
                               process_count=1, **kw)
 
 
+@pytest.mark.slow
 def test_packed_step_equals_padded_step(tmp_path, tx):
     """The same 7 samples, padded (one per row, MiniMind), packed (several per row), or packed with short rows run
     as a second shape (the tail): the train step's loss and gradients agree to 1e-5."""
@@ -261,6 +266,7 @@ def _torch_like_update(adapter, grads, lr, clip=1.0, wd=0.01):
     return jax.tree.map(upd, adapter.weights, grads)
 
 
+@pytest.mark.slow
 def test_grad_accumulation_is_minimind(dense, tx):
     model, params, adapter = dense
     b1, b2 = _batch(5), _batch(6)
@@ -360,6 +366,7 @@ print("RESULT " + json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_four_devices_match_one():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=str(ROOT),
                JAX_PLATFORMS="cpu")
@@ -416,6 +423,7 @@ def _crash_after(n: int):
     return on_step
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(tiny_data, tmp_path):
     import convert
     from train.metrics import read_metrics
@@ -443,6 +451,7 @@ def test_cli_end_to_end(tiny_data, tmp_path):
     assert meta["base_random_seed"] == 42 and meta["base_weight"] is None
 
 
+@pytest.mark.slow
 def test_chat_answers_with_the_trained_adapter_over_its_random_base(tiny_data, tmp_path, capsys):
     """The adapter records the seed of the random base it was trained on: serve.chat with only --lora rebuilds that
     base and gives the trainer's own greedy answer (the demo's adapter is usable as the trainer prints)."""
@@ -463,6 +472,7 @@ S_FIELDS = ("step", "epoch", "loss", "aux_loss", "lr", "grad_norm", "tokens_per_
 
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+@pytest.mark.slow
 def test_padded_and_packed_runs_give_the_same_losses(tiny_data, tmp_path, moe):
     """--batch_size counts samples in both modes: MiniMind's padded run and the packed run see the same samples
     per step and give the same loss sequence and adapter. MoE: the aux loss is MiniMind's over the padded batch in
@@ -482,6 +492,7 @@ def test_padded_and_packed_runs_give_the_same_losses(tiny_data, tmp_path, moe):
         np.testing.assert_allclose(ce[1], ce[0], rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_packed_rows_follow_the_data_not_max_seq_len(tiny_data, tmp_path, capsys):
     """With a max_seq_len above every sample, packed rows are as long as the longest sample (rounded up to 16), and
     the run still gives the padded run's losses and adapter."""
@@ -522,6 +533,7 @@ def test_fresh_run_compiles_its_first_step_before_making_the_base(tiny_data, tmp
     np.testing.assert_allclose(out.losses, plain.losses, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_reproduces_uninterrupted_run(tiny_data, tmp_path):
     from train.metrics import read_metrics
 
@@ -561,6 +573,7 @@ def test_nan_stops_with_message(tiny_data, tmp_path):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(adapter.weights))
 
 
+@pytest.mark.slow
 def test_cli_cpu_split_matches_one_device(tiny_data, tmp_path):
     """A fresh `python -m train.lora` splits the CPU (--cpu_devices 2) and trains the same losses as one device."""
     from train.metrics import read_metrics
@@ -576,6 +589,7 @@ def test_cli_cpu_split_matches_one_device(tiny_data, tmp_path):
     np.testing.assert_allclose(two, one.losses, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_cli_compile_cache_reused_and_survives_torn_entries(tiny_data, tmp_path):
     """--compile_cache DIR: a first `python -m train.lora` writes its compiled programs there, a second with the same
     settings loads them (its log says so) and trains the same losses; entries cut short (a run killed while writing
@@ -633,6 +647,7 @@ def fp32_losses(tiny_data, tmp_path_factory):
     return _learning_run(tiny_data, tmp_path_factory.mktemp("fp32"), "--dtype", "float32")
 
 
+@pytest.mark.slow
 def test_bf16_run_tracks_fp32(tiny_data, tmp_path, fp32_losses):
     """--dtype bfloat16 (bf16 activations and matmuls; fp32 adapter master weights, optimizer and loss) gives the
     fp32 run's losses within 2e-3 at each of 32 steps: measured max |bf16 - fp32| 2.7e-4 on a 2-core x86 CPU (the
@@ -643,6 +658,7 @@ def test_bf16_run_tracks_fp32(tiny_data, tmp_path, fp32_losses):
     assert not np.array_equal(bf16, fp32_losses)  # and it did run in bf16
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_losses(tiny_data, tmp_path, fp32_losses):
     """--remat 1 (per-layer gradient checkpointing) recomputes the same values: the same 32 losses, bit for bit
     on a CPU."""
