@@ -7,8 +7,8 @@
 One row for the base, each adapter and each mix, every figure on the same tokens:
 - loss: mean cross-entropy over the assistant tokens of --data_path's chats, exactly the trainer's eval loss
   (train.evaluation: the chats rendered as the generation prompt renders one, no random system prompt, the empty
-  think block kept; the same make_eval_set and eval step, one adapter at a time); ppl = exp(loss); acc: the share of
-  those tokens that are the model's argmax (next-token accuracy);
+  think block kept; the same make_eval_set and eval step, the models stacked as a sweep's members);
+  ppl = exp(loss); acc: the share of those tokens that are the model's argmax (next-token accuracy);
 - with --general_data (chats that stand for what the base should keep): the base's loss on them, the model's, the
   difference (forgetting) and the mean per-token KL(model || base) at the assistant tokens, as the trainer's;
 - with --generate 1: greedy answers (train.prompts.answer, --max_new_tokens) to the last user turn of every held-out
@@ -164,7 +164,8 @@ def held_chats(ds) -> list[tuple[str, str]]:
 # the run
 # ----------------------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data_path", required=True, help="held-out chats (MiniMind SFT jsonl; comma-separated files)")
     ap.add_argument("--weight", default=None, help="base weights: a path or a MiniMind name (full_sft); default: the "
                                                    "random base the first adapter records, else --seed's")
