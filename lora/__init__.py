@@ -11,7 +11,7 @@
     lora.get_path(adapter.weights, "model/layers_0/self_attn/q_proj"); lora.set_path(tree, path, value)
     opt = lora.make_optimizer(optax.adamw(1e-3), lora.trainable_mask({"lora": adapter, "params": params}, "norm"))
 """
-from .algebra import add, combine, concat, negate, pad_ranks, scale, stack, svd_truncate, unstack
+from .algebra import MIX_NAME, add, combine, concat, negate, parse_mix, pad_ranks, scale, stack, svd_truncate, unstack
 from .branch import apply, collection
 from .core import Adapter, delta, folded, get_path, init, is_factors, merge, set_path, unmerge
 from .mask import make_optimizer, partition, trainable_labels, trainable_mask, unpartition
@@ -19,5 +19,6 @@ from .targets import select as select_targets
 
 __all__ = ["Adapter", "init", "apply", "collection", "merge", "unmerge", "delta", "folded", "select_targets",
            "add", "scale", "negate", "concat", "combine", "svd_truncate", "pad_ranks", "stack", "unstack",
+           "parse_mix", "MIX_NAME",
            "is_factors", "get_path", "set_path",
            "trainable_mask", "trainable_labels", "make_optimizer", "partition", "unpartition"]

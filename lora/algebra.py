@@ -24,6 +24,7 @@ contributes a zero delta there. Every result folds the scales into B, so it has 
 """
 from __future__ import annotations
 
+import re
 from typing import Mapping, Optional, Sequence, Union
 
 import jax
@@ -270,3 +271,22 @@ def unstack(stacked: Adapter, index: int) -> Adapter:
             raise IndexError(f"adapter index {index} out of range for a stack of {n}")
         set_path(weights, path, {"A": ab["A"][index], "B": ab["B"][index]})
     return Adapter(weights, alpha=None, rslora=False, targets=stacked.targets)
+
+
+MIX_NAME = r"[A-Za-z0-9_.\-]+"  # an adapter's name in a mix
+
+
+def parse_mix(spec: str, signed: bool = False) -> list[tuple[float, str]]:
+    """The mix notation of serve.openai's `model` and train.evaluate's --mix: "a+0.5*b" -> [(1.0, "a"), (0.5, "b")]
+    (NAME or WEIGHT*NAME terms joined by '+'; what `combine` takes as weights and adapters). signed: a weight may
+    carry a sign ("a+-0.5*b"). ValueError when `spec` is not such a sum."""
+    sign = "[-+]?" if signed else ""
+    term = re.compile(r"^\s*(?:(" + sign + r"[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*\*\s*)?(" + MIX_NAME + r")\s*$")
+    terms = []
+    for part in spec.split("+") if spec.strip() else [""]:
+        m = term.match(part)
+        if not m:
+            raise ValueError(f"cannot read {spec!r} as a mix: write name or weight*name terms joined by '+', "
+                             "e.g. lora_identity+0.5*lora_medical")
+        terms.append((float(m.group(1)) if m.group(1) else 1.0, m.group(2)))
+    return terms

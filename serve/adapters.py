@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import lora
+from lora import parse_mix  # noqa: F401  (the model strings' mix notation; serve.adapters.parse_mix)
 
 MIX_CACHE = 8  # weighted mixes kept built (least recently used dropped first, never one in use)
-_TERM = re.compile(r"^\s*(?:([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*\*\s*)?([A-Za-z0-9_.\-]+)\s*$")
 
 
 @dataclass(eq=False)  # a handle: compared by identity
@@ -37,18 +37,6 @@ class _Entry:
     info: dict
     users: int = 0
     parts: tuple = ()  # a mix: the names it was built from
-
-
-def parse_mix(spec: str) -> list[tuple[float, str]]:
-    """"a+0.5*b" -> [(1.0, "a"), (0.5, "b")]; ValueError when it is not such a sum."""
-    terms = []
-    for part in spec.split("+"):
-        m = _TERM.match(part)
-        if not m:
-            raise ValueError(f"cannot read {spec!r} as a mix: write name or weight*name terms joined by '+', "
-                             "e.g. lora_identity+0.5*lora_medical")
-        terms.append((float(m.group(1)) if m.group(1) else 1.0, m.group(2)))
-    return terms
 
 
 def _pow2(n: int, minimum: int) -> int:
@@ -72,7 +60,7 @@ class AdapterStack:
     # -- names ---------------------------------------------------------------------------------------------------
     def add(self, name: str, adapter: lora.Adapter, info: Optional[dict] = None) -> None:
         """Serve `adapter` as `name` (replacing a loaded one of that name: running requests keep the old one)."""
-        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name) or name.replace(".", "") == "":
+        if not re.fullmatch(lora.MIX_NAME, name) or name.replace(".", "") == "":
             raise ValueError(f"adapter name {name!r}: use letters, digits, '_', '-', '.'")
         with self._lock:
             if name in self._entries:

@@ -152,7 +152,7 @@ def test_equals_the_trainers_eval_loss(files, tmp_path):
 @pytest.mark.parametrize("case, extra, says", [
     ("missing data", ["--data_path", "{d}/nope.jsonl", "--lora", "{d}/a_32.ckpt"], "nope.jsonl: no such file"),
     ("unknown adapter", ["--lora", "zzz"], "LoRA weight 'zzz' not found"),
-    ("malformed mix", ["--lora", "{d}/a_32.ckpt", "--mix", "a+*b"], "--mix 'a+*b': write NAME or WEIGHT*NAME"),
+    ("malformed mix", ["--lora", "{d}/a_32.ckpt", "--mix", "a+*b"], "--mix: cannot read 'a+*b' as a mix"),
     ("unknown mix name", ["--lora", "{d}/a_32.ckpt", "--lora", "{d}/b.ckpt", "--mix", "a+0.5*zzz"],
      "'zzz' is not a loaded adapter"),
     ("another base", ["--lora", "{d}/wide.ckpt"], "does not fit the base model"),

@@ -51,10 +51,6 @@ from train.job import rows_per_device
 from train.loop import device_batch
 from train.prompts import answer
 
-# A mix term: NAME or WEIGHT*NAME (the syntax of serve.adapters.parse_mix, plus a sign on the weight). Duplicated
-# here on purpose: train never imports serve.
-_NAME = r"[A-Za-z0-9_.\-]+"
-_TERM = re.compile(r"^\s*(?:([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*\*\s*)?(" + _NAME + r")\s*$")
 _THINK = re.compile(r"^\s*<think>.*?</think>", re.S)
 
 
@@ -66,15 +62,12 @@ class EvalError(Exception):
 # parsing
 # ----------------------------------------------------------------------------------------------------------------
 def parse_mix(spec: str) -> list[tuple[float, str]]:
-    """"a+0.5*b" -> [(1.0, "a"), (0.5, "b")]; EvalError when it is not such a sum."""
-    terms = []
-    for part in spec.split("+") if spec.strip() else [""]:
-        m = _TERM.match(part)
-        if not m:
-            raise EvalError(f"--mix {spec!r}: write NAME or WEIGHT*NAME terms joined by '+', e.g. "
-                            "lora_identity+0.5*other")
-        terms.append((float(m.group(1)) if m.group(1) else 1.0, m.group(2)))
-    return terms
+    """"a+0.5*b" -> [(1.0, "a"), (0.5, "b")] (lora.parse_mix, weights may be negative); EvalError when it is not
+    such a sum."""
+    try:
+        return lora_lib.parse_mix(spec, signed=True)
+    except ValueError as e:
+        raise EvalError(f"--mix: {e}") from None
 
 
 def adapter_name(path: Path, hidden_size: int, use_moe: bool) -> str:
@@ -98,7 +91,7 @@ def adapter_specs(args) -> list[tuple[str, Path]]:
         name, where = None, text
         if "=" in text and not Path(text).exists():
             name, where = text.split("=", 1)
-            if not re.fullmatch(_NAME, name):
+            if not re.fullmatch(lora_lib.MIX_NAME, name):
                 raise EvalError(f"--lora {text!r}: an adapter name is letters, digits and _ . - only")
         try:
             path = convert.resolve_lora(where, *key)
