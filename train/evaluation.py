@@ -151,9 +151,9 @@ class Evaluator(Hook):
             batch, n, _, _ = device_batch(self.job.mesh, *s.batches[0], None, 0)
             jitted, fut = self.steps[s.name], concurrent.futures.Future()
             self.compiled[s.name] = (_shapes(batch), fut)
-            lower = lambda j=jitted, b=jax.tree.map(spec, batch), f=fut: f.set_result(
-                j.lower(adapters, self.job.params, b, np.int32(n)).compile())
-            threading.Thread(target=lambda g=lower, f=fut: _settle(g, f), daemon=True).start()
+            compile_ = lambda j=jitted, b=jax.tree.map(spec, batch): j.lower(adapters, self.job.params, b,
+                                                                             np.int32(n)).compile()
+            threading.Thread(target=step_lib.settle, args=(fut, compile_), daemon=True).start()
 
     def _program(self, name: str, batch: dict):
         """The set's compiled program when `batch` has the shapes it was compiled for, else the jitted function."""
@@ -270,13 +270,6 @@ class Evaluator(Hook):
 
 def _shapes(batch: dict) -> tuple:
     return tuple((k, v.shape) for k, v in sorted(batch.items()))
-
-
-def _settle(fn, fut) -> None:
-    try:
-        fn()
-    except BaseException as e:  # surfaced by the first evaluation's fut.result()
-        fut.set_exception(e)
 
 
 def best_path(job, m) -> Path:

@@ -200,7 +200,7 @@ class Loop:
         self.check_finite(state.bad_step)
         nxt = (at.epoch + 1, 0) if at.end_of_epoch else (at.epoch, at.step)  # where a resumed run starts
         state_dir = f"{job.resume.directory}/{at.global_step}"
-        hooks = {type(h).__name__: h.state_dict() for h in self.hooks if h.state_dict() is not None}
+        hooks = {type(h).__name__: st for h in self.hooks if (st := h.state_dict()) is not None}
         try:
             job.resume.save(at.global_step, state.to_tree(),
                             {"epoch": nxt[0], "step": nxt[1], "run": job.run_meta, "hooks": hooks,

@@ -379,7 +379,7 @@ class CompiledSteps:
                 return
             fut = concurrent.futures.Future()
             self.compiled[key] = fut
-        threading.Thread(target=lambda: _settle(fut, self._compile, key, state, params, chunks, n_chunks, lr, cap,
+        threading.Thread(target=lambda: settle(fut, self._compile, key, state, params, chunks, n_chunks, lr, cap,
                                                 update), daemon=True).start()
 
     def __call__(self, state, params, chunks, n_chunks, lr, *, cap, update):
@@ -392,11 +392,12 @@ class CompiledSteps:
             else:
                 owner = False
         if owner:
-            _settle(fut, self._compile, key, state, params, chunks, n_chunks, lr, cap, update)
+            settle(fut, self._compile, key, state, params, chunks, n_chunks, lr, cap, update)
         return fut.result()(state, params, chunks, n_chunks, lr)
 
 
-def _settle(fut, fn, *args):
+def settle(fut, fn, *args) -> None:
+    """fut <- fn(*args), or the exception it raised (surfaced by the waiter's fut.result()): a background compile."""
     try:
         fut.set_result(fn(*args))
     except BaseException as e:  # surfaced by the caller's fut.result()
