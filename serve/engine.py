@@ -27,7 +27,9 @@ How it runs (one loop in a background thread; requests join and leave at step bo
   by the compile-time choices (greedy or sampling, top_k, top_p on or off); each group is one small compiled
   selection.
 
-The callback `sink(token_id)` runs on the engine thread for every token (return False to stop the request);
+The callback `sink(token_id)` runs on the engine thread for every token (return False to stop the request), as
+`sink(token_id, logprob)` for a request with `Sampling.logprobs`; `sink.prompt_logprobs([None, Logprob, ...])` once
+before the first token for one with `Sampling.prompt_logprobs` (max_tokens 0: scored by the prefill, never decoded);
 `sink.done(reason)` once at the end: "stop" (eos or the sink said so), "length" (max_tokens or the context),
 "cancelled" (`engine.cancel(req)`, e.g. the client went away: its slot is freed at the next step).
 
@@ -71,10 +73,16 @@ class Sampling:
     top_k: int = 50  # 0: off
     repetition_penalty: float = 1.0
     seed: Optional[int] = None  # None: a random one
+    logprobs: Optional[int] = None  # each new token's logprob and this many alternatives (None: none)
+    prompt_logprobs: Optional[int] = None  # the same for the prompt's tokens (None: the prompt is not scored)
 
     def __post_init__(self):
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.max_tokens is not None and self.max_tokens < (0 if self.prompt_logprobs is not None else 1):
+            raise ValueError(f"max_tokens must be >= 1 (0 only to score the prompt), got {self.max_tokens}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not 0 <= k <= programs.TOP:
+                raise ValueError(f"{name} must be in [0, {programs.TOP}], got {k}")
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not self.top_p > 0:
@@ -88,6 +96,20 @@ class Sampling:
     def static(self) -> Static:
         sample = self.temperature > 0
         return Static(sample, self.top_k if sample else 0, sample and self.top_p < 1.0, False)
+
+
+@dataclass(frozen=True)
+class Logprob:
+    """A token's log-probability under the model (the log-softmax of the raw logits: before temperature, top-p,
+    top-k and the repetition penalty) and the most likely tokens at its position, best first."""
+    token: int
+    logprob: float
+    top: tuple = ()  # ((token id, logprob), ...)
+
+
+def _logprob(token: int, logprob, ids, lps, k: int) -> Logprob:
+    """A Logprob from one position of `programs.logprobs`' host output (the top TOP sliced to k)."""
+    return Logprob(int(token), float(logprob), tuple(zip(map(int, ids[:k]), map(float, lps[:k]))))
 
 
 @dataclass(eq=False)
@@ -170,7 +192,7 @@ class Engine:
         if min(prompt) < 0 or max(prompt) >= self.config.vocab_size:
             raise ValueError(f"prompt token ids must be in [0, {self.config.vocab_size})")
         room = self.max_seq_len - len(prompt)
-        if room < 1:
+        if room < (0 if sampling.max_tokens == 0 else 1):
             raise ContextError(f"the prompt has {len(prompt)} tokens; the context is {self.max_seq_len} "
                                "(prompt + new tokens)")
         max_tokens = room if sampling.max_tokens is None else sampling.max_tokens
@@ -211,10 +233,10 @@ class Engine:
 
     def compile_all(self, samplings=(Sampling(temperature=0), Sampling()), threads: Optional[int] = None) -> int:
         """Compile, before serving, what requests would otherwise compile on first use (pausing the running ones):
-        the decode step for every row bucket and cache length, the prefill for every (rows, prompt bucket) shape
-        (with the adapter stack as it is now), the copies between them and the token choice for `samplings` and any
-        mix of them in one batch, `threads` (default: one per core, at most 8) compiling at once. Call before
-        `start`. -> the number of programs compiled."""
+        the decode step for every row bucket and cache length, the prefill for every (rows, prompt bucket) shape,
+        scoring the prompts or not (with the adapter stack as it is now), the logprobs, the copies between them
+        and the token choice for `samplings` and any mix of them in one batch, `threads` (default: one per core,
+        at most 8) compiling at once. Call before `start`. -> the number of programs compiled."""
         stack, cfg, dt = self.adapters.arrays(), self.config, self.dtype
         cache = lambda length: init_cache(cfg, self.max_batch, length, dt)["layers"]
         seen = lambda: jnp.zeros((self.max_batch, cfg.vocab_size), bool)
@@ -231,11 +253,14 @@ class Engine:
         for p, tb in self.prefill_shapes:
             args = lambda p=p, tb=tb: (self.params, stack, jnp.full(p, -1, jnp.int32), jnp.zeros((p, tb), jnp.int32),
                                        jnp.ones(p, jnp.int32))
-            tasks.append(lambda args=args: programs.prefill(*args(), config=cfg, dtype=dt))
-            kv, _, rows = jax.eval_shape(partial(programs.prefill, config=cfg, dtype=dt), *args())
+            tasks += [lambda args=args, score=score: programs.prefill(*args(), config=cfg, dtype=dt, score=score)
+                      for score in (False, True)]
+            kv, _, rows, _ = jax.eval_shape(partial(programs.prefill, config=cfg, dtype=dt), *args())
             tasks += [lambda length=length, kv=kv, rows=rows, p=p: programs.insert(
                 cache(length), seen(), zeros(kv), zeros(rows), jnp.arange(p, dtype=jnp.int32))
                 for length in self.lengths if length >= tb]
+        tasks += [lambda rows=rows: programs.logprobs(jnp.zeros((rows, cfg.vocab_size)), ids(rows))
+                  for rows in sorted(set(self.row_sizes) | {p for p, _ in self.prefill_shapes})]
         # new requests' first tokens: the prefill's own seen rows
         prefilled = lambda p: (lambda: jnp.zeros((p, cfg.vocab_size), bool))
         kinds = list({s.static: s for s in samplings}.values())
@@ -292,36 +317,52 @@ class Engine:
             for j, r in enumerate(reqs):
                 prompts[j, :lengths[j]] = r.prompt
                 indices[j] = -1 if r.handle is None else r.handle.index
-            kv, logits, seen_rows = programs.prefill(
+            kv, logits, seen_rows, scores = programs.prefill(
                 self.params, self.adapters.arrays(), jnp.asarray(indices), jnp.asarray(prompts),
-                jnp.asarray(lengths + [1] * (p - len(reqs)), jnp.int32), config=self.config, dtype=self.dtype)
+                jnp.asarray(lengths + [1] * (p - len(reqs)), jnp.int32), config=self.config, dtype=self.dtype,
+                score=any(r.sampling.prompt_logprobs is not None for r in reqs))
             self._fit(max(tb, max(lengths) + 1))
             pad = [None] * (p - len(reqs))
             knobs, statics = self._knobs([r.sampling for r in reqs] + pad, [r.seed for r in reqs] + [0] * len(pad),
                                          [0] * p)
             tokens, seen_rows = programs.select(logits, seen_rows, jnp.arange(p), knobs, statics=statics)
+            chosen = self._score(logits, tokens, [r.sampling.logprobs for r in reqs])
             first = len(self.slots)
+            decoding = [j for j, r in enumerate(reqs) if r.max_tokens > 0]
             slots = np.full(p, self.max_batch, np.int32)  # past the last slot: a padding row, dropped
-            slots[:len(reqs)] = np.arange(first, first + len(reqs))
+            slots[decoding] = np.arange(first, first + len(decoding))
             self.cache, self.seen = programs.insert(self.cache, self.seen, kv, seen_rows, jnp.asarray(slots))
             tokens = np.asarray(tokens)
+            scores = None if scores is None else [np.asarray(x) for x in scores]
         except Exception:
             for r in reqs:
                 self._end(r, "error")  # not left waiting forever
             raise
         self.stats["prefills"] += 1
         for j, r in enumerate(reqs):
-            self.slots.append(_Slot(r, lengths[j], int(tokens[j]), int(indices[j])))
-        self._release(self._deliver(range(first, len(self.slots))))
+            k = r.sampling.prompt_logprobs
+            if k is not None:
+                r.sink.prompt_logprobs([None] + [_logprob(t, *(x[j, i] for x in scores), k)
+                                                 for i, t in enumerate(r.prompt[1:], 1)])
+            if r.max_tokens == 0:
+                self._end(r, "length")
+            else:
+                self.slots.append(_Slot(r, lengths[j], int(tokens[j]), int(indices[j])))
+        self._release(self._deliver(range(first, len(self.slots)), chosen, decoding))
 
     def _take(self, free: int) -> list[Request]:
         """The waiting requests the next prefill runs, oldest first: up to `free`, and within PREFILL_TOKENS
         (rows bucket * prompt bucket) unless the first alone is longer. Call holding self._wake."""
         taken, longest = [], 0
-        while self.waiting and len(taken) < free:
-            t = max(longest, len(self.waiting[0].prompt))
+        while self.waiting and len(taken) < self.max_batch:
+            nxt = self.waiting[0]
+            t = max(longest, len(nxt.prompt))
             if taken and _fit(len(taken) + 1, self.row_sizes) * _fit(t, self.prompt_sizes) > PREFILL_TOKENS:
                 break
+            if nxt.max_tokens > 0:  # a request that only scores its prompt takes no slot
+                if free == 0:
+                    break
+                free -= 1
             taken.append(self.waiting.popleft())
             longest = t
         return taken
@@ -333,7 +374,7 @@ class Engine:
         rows = _fit(len(self.slots), self.row_sizes)
         chosen = self._step(rows, 0, None)
         while True:
-            ahead = self._step(rows, 1, chosen) if self._steady() else None
+            ahead = self._step(rows, 1, chosen[0]) if self._steady() else None
             ended = self._collect(chosen, {})
             if ahead is None:
                 break
@@ -351,9 +392,10 @@ class Engine:
                 return False
         return not any(s.req.cancelled or s.req.generated + 1 >= s.req.max_tokens for s in self.slots)
 
-    def _step(self, rows: int, ahead: int, tokens) -> jax.Array:
+    def _step(self, rows: int, ahead: int, tokens) -> tuple:
         """Dispatch one step over the first `rows` slots: each fed its token (`tokens`: the step before's device
-        output, or None: the slots' own) at its position + `ahead` -> the chosen tokens [R], on the device."""
+        output, or None: the slots' own) at its position + `ahead` -> (the chosen tokens [R], their logprobs or
+        None), on the device."""
         self._fit(max(s.pos for s in self.slots) + 1 + ahead)
         positions, adapter_ids = np.zeros(rows, np.int32), np.full(rows, -1, np.int32)
         for i, s in enumerate(self.slots):
@@ -371,16 +413,21 @@ class Engine:
         chosen, self.seen = programs.select(logits, self.seen, jnp.arange(rows), knobs, statics=statics)
         self.stats["steps"] += 1
         self.stats["busy_slot_steps"] += len(self.slots)
-        return chosen
+        return chosen, self._score(logits, chosen, [s.req.sampling.logprobs for s in self.slots])
 
-    def _collect(self, chosen, skip: dict) -> dict[int, str]:
+    def _score(self, logits, tokens, ks):
+        """The chosen tokens' logprobs (on the device) when a row asks for them, else None."""
+        return programs.logprobs(logits, tokens) if any(k is not None for k in ks) else None
+
+    def _collect(self, step: tuple, skip: dict) -> dict[int, str]:
         """Read a step's tokens and hand them to the running slots but `skip` (ended before it) -> the ended."""
+        chosen, scores = step
         chosen = np.asarray(chosen)
         keep = [i for i in range(len(self.slots)) if i not in skip]
         for i in keep:
             s = self.slots[i]
             s.pos, s.token = s.pos + 1, int(chosen[i])
-        return self._deliver(keep)
+        return self._deliver(keep, scores, keep)
 
     def _knobs(self, samplings, seeds, steps):
         return programs.knobs_of(samplings, seeds, steps, Sampling(temperature=0).static)
@@ -393,15 +440,21 @@ class Engine:
             self.cache = programs.resize(self.cache, length=length)
             self.cache_len = length
 
-    def _deliver(self, which) -> dict[int, str]:
-        """Hand each slot in `which` its new token -> {slot: why its request ends now} for those that end."""
+    def _deliver(self, which, scores=None, rows=()) -> dict[int, str]:
+        """Hand each slot in `which` its new token (and its logprob: row rows[n] of `scores`, for the requests that
+        asked) -> {slot: why its request ends now} for those that end."""
         ended = {}
-        for i in which:
+        scores = None if scores is None else [np.asarray(x) for x in scores]
+        for i, row in itertools.zip_longest(which, rows):
             s = self.slots[i]
             req = s.req
             req.generated += 1
             self.stats["tokens"] += 1
-            keep = req.sink(s.token) is not False
+            k = req.sampling.logprobs
+            if k is None:
+                keep = req.sink(s.token) is not False
+            else:
+                keep = req.sink(s.token, _logprob(s.token, *(x[row] for x in scores), k)) is not False
             if (self.eos is not None and s.token == self.eos) or not keep:
                 ended[i] = "stop"
             elif req.generated >= req.max_tokens:

@@ -25,10 +25,13 @@ def _variables(params, stack, adapter_ids):
     return {"params": params, "lora": lora.collection(stack, adapter_ids, batch=adapter_ids.shape[0])}
 
 
-@partial(jax.jit, static_argnames=("config", "dtype"))
-def prefill(params, stack, adapter_ids, prompts, lengths, *, config, dtype):
+@partial(jax.jit, static_argnames=("config", "dtype", "score"))
+def prefill(params, stack, adapter_ids, prompts, lengths, *, config, dtype, score=False):
     """prompts [P, T] (row p's real tokens in [p, :lengths[p]], right-padded; P requests admitted together, each
-    with its own adapter) -> (kv per layer, last logits [P, V], seen [P, V])."""
+    with its own adapter) -> (kv per layer, last logits [P, V], seen [P, V], scores). `score`: scores are the
+    prompt's own tokens' log-probabilities (`logprobs` at every position: [P, T], [P, T, TOP], [P, T, TOP]; position
+    t scores token t given tokens < t, position 0 is meaningless), else None. The echo of /v1/completions: scoring a
+    prompt costs this one forward pass, whose logits are otherwise dropped."""
     model = MiniMindForCausalLM(config, dtype)
     variables = _variables(params, stack, adapter_ids)
     p, t = prompts.shape
@@ -40,7 +43,26 @@ def prefill(params, stack, adapter_ids, prompts, lengths, *, config, dtype):
     rows = jnp.arange(p)[:, None]
     seen = jnp.zeros((p, config.vocab_size), bool).at[rows, jnp.where(real, prompts, config.vocab_size)].set(
         True, mode="drop")
-    return out.cache["layers"], logits, seen
+    scores = None
+    if score:
+        every = model.apply(variables, out.hidden_states[:, :-1], method=MiniMindForCausalLM.logits)  # [P, T-1, V]
+        scores = logprobs(every, prompts[:, 1:])
+        scores = jax.tree.map(lambda x: jnp.concatenate([jnp.zeros_like(x[:, :1]), x], axis=1), scores)
+    return out.cache["layers"], logits, seen, scores
+
+
+TOP = 20  # the most alternatives a request may ask for (OpenAI's limit): computed always, sliced per request
+
+
+@jax.jit
+def logprobs(logits, tokens):
+    """The model's own log-probabilities (log-softmax of the raw logits: before temperature, top-p, top-k and the
+    repetition penalty, as vLLM reports them): logits [..., V], tokens [...] -> (logprob of each token [...], the
+    TOP most likely tokens [..., TOP] and their logprobs [..., TOP], best first)."""
+    lsm = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(lsm, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    top_lps, top_ids = jax.lax.top_k(lsm, min(TOP, lsm.shape[-1]))
+    return chosen, top_ids, top_lps
 
 
 @partial(jax.jit, donate_argnames=("cache", "seen"))
