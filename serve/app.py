@@ -12,7 +12,6 @@ import hmac
 import json
 import threading
 import time
-import uuid
 from typing import Callable, Optional
 
 from fastapi import FastAPI, Request
@@ -23,19 +22,16 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from . import tools
 from .engine import ContextError, Engine, Sampling
 from .loading import inside
-from .schemas import AdapterLoad, ChatRequest, CompletionRequest, Sampled, error_body
-from .text import TextStream
+from .replies import ApiError, Choice, Formats, Prompt, Reply, Run, Sink
+from .schemas import AdapterLoad, Chat, ChatRequest, CompletionRequest, Detokenize, Sampled, Tokenize, error_body
+from .text import Pieces, TextStream
+from . import ui as playground
 
-FINISH = {"stop": "stop", "length": "length"}  # engine reasons -> OpenAI's finish_reason
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, code: Optional[str] = None, param: Optional[str] = None):
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
-
+MAX_BODY = 4 << 20  # bytes: refused with a 413 before any work (a batch of 100 prompts of 2048 ids is ~1.5 MB)
+MAX_CHOICES = 256  # prompts x n of one request: queued together, they must not starve everyone else
 
 class _Metrics:
     def __init__(self, engine: Engine):
@@ -81,37 +77,65 @@ class _Handoff:
             queue.put_nowait(event)
 
 
-class _Sink:
-    """Engine-thread callbacks -> an asyncio queue of ("token", id) / ("done", reason)."""
+class _BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets a 413 before anything reads it whole (by its
+    Content-Length, or as it streams in without one: the app then sees the client gone and sends nothing)."""
 
-    def __init__(self, handoff: _Handoff):
-        self.handoff, self.queue = handoff, asyncio.Queue()
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
 
-    def __call__(self, token: int) -> bool:
-        self.handoff.put(self.queue, ("token", token))
-        return True
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._refuse(send)
+        seen, refused = 0, False
 
-    def done(self, reason: str) -> None:
-        self.handoff.put(self.queue, ("done", reason))
+        async def counted():
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                refused = True
+                await self._refuse(send)
+                return {"type": "http.disconnect"}
+            return message
+
+        async def unless_refused(message):
+            if not refused:
+                await send(message)
+        await self.app(scope, counted, unless_refused)
+
+    async def _refuse(self, send):
+        body = json.dumps(error_body(f"the request body is over {self.limit} bytes", code="request_too_large"))
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body.encode()})
 
 
 def build_app(engine: Engine, tokenizer, *, model_name: str = "minimind", lora_dir=None,
               api_key: Optional[str] = None, load_adapter: Optional[Callable] = None,
-              defaults: Optional[dict] = None) -> FastAPI:
+              defaults: Optional[dict] = None, max_body: int = MAX_BODY, ui: bool = True) -> FastAPI:
     """`load_adapter(path) -> (adapter, info)` reads an adapter file for POST /v1/adapters; `defaults` holds the
-    server's sampling defaults (temperature, top_p, top_k, repetition_penalty)."""
+    server's sampling defaults (temperature, top_p, top_k, repetition_penalty); `ui`: the playground page at /
+    (serve.ui; GET /v1/adapters is there either way)."""
     app = FastAPI(title="minimind-jax", docs_url=None, redoc_url=None)
+    app.add_middleware(_BodyLimit, limit=max_body)
     metrics = _Metrics(engine)
     base = Sampling()
     defaults = {"temperature": base.temperature, "top_p": base.top_p, "top_k": base.top_k,
                 "repetition_penalty": base.repetition_penalty, **(defaults or {})}
     created = int(time.time())
+    pieces = Pieces(tokenizer)
     handoffs: dict = {}  # event loop -> its _Handoff (uvicorn runs one loop)
 
     # -- access, errors, counting -------------------------------------------------------------------------------
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        if api_key and request.url.path != "/health":
+        if api_key and request.url.path != "/health" and not (ui and playground.is_public(request.url.path)):
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 response = JSONResponse(error_body("missing or wrong API key (send Authorization: Bearer KEY)",
@@ -189,155 +213,97 @@ def build_app(engine: Engine, tokenizer, *, model_name: str = "minimind", lora_d
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
+        return await _answer(body, [Prompt(tokenizer.encode(_render(body)))], request, chat=True)
+
+    def _render(chat: Chat) -> str:
         try:
-            text = tokenizer.apply_chat_template([m.as_template() for m in body.messages],
-                                                 add_generation_prompt=True, open_thinking=body.open_thinking)
-        except Exception as e:  # the template rejected the conversation
-            raise ApiError(400, f"messages: {e}", param="messages") from None
-        return await _answer(body, tokenizer.encode(text), request, chat=True)
+            return tools.render(tokenizer, [m.model_dump(exclude_none=True) for m in chat.messages],
+                                tools=chat.tools, tool_choice=chat.tool_choice, template_kwargs=chat.template_kwargs)
+        except tools.BadRequest as e:
+            raise ApiError(400, str(e), param=e.param) from None
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        prompt = body.prompt
-        ids = [tokenizer.bos_token_id] + tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        return await _answer(body, ids, request, chat=False)
+        return await _answer(body, [_prompt(p) for p in body.prompts], request, chat=False)
+
+    def _prompt(prompt) -> Prompt:
+        """A text gets MiniMind's bos in front (what pretraining saw), unless it starts with it already."""
+        if isinstance(prompt, str):
+            ids = tokenizer.encode(prompt)
+            added = int(tokenizer.bos_token_id is not None and ids[:1] != [tokenizer.bos_token_id])
+            return Prompt([tokenizer.bos_token_id] * added + ids, prompt, added)
+        return Prompt(list(prompt), tokenizer.decode(prompt))
+
+    # -- the tokenizer, as vLLM serves it (lm-eval's remote tokenizer reads these) ------------------------------
+    @app.post("/tokenize")
+    async def tokenize(body: Tokenize):
+        if body.messages is not None:
+            if not body.add_generation_prompt:
+                raise ApiError(400, "add_generation_prompt: false is not supported (the chat prompt ends with "
+                                    "the assistant's turn)", param="add_generation_prompt")
+            ids = tokenizer.encode(_render(Chat.model_validate(body.model_dump(exclude={"prompt"}))))
+        else:
+            ids = _prompt(body.prompt).ids if body.add_special_tokens else tokenizer.encode(body.prompt)
+        return {"count": len(ids), "max_model_len": engine.max_seq_len, "tokens": ids,
+                "token_strs": [pieces.text(i) for i in ids] if body.return_token_strs else None}
+
+    @app.post("/detokenize")
+    async def detokenize(body: Detokenize):
+        bad = [t for t in body.tokens if not 0 <= t < tokenizer.vocab_size]
+        if bad:
+            raise ApiError(400, f"tokens: {bad[0]} is not a token id (0..{tokenizer.vocab_size - 1})",
+                           param="tokens")
+        return {"prompt": tokenizer.decode(body.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        config = {k: v for k, v in tokenizer.config.items() if k != "added_tokens_decoder"}
+        return {**config, **tokenizer.special_tokens_map, "chat_template": tokenizer.chat_template,
+                "max_model_len": engine.max_seq_len, "vocab_size": tokenizer.vocab_size}
 
     # -- one request --------------------------------------------------------------------------------------------
-    async def _answer(body: Sampled, ids: list, request: Request, chat: bool):
-        sampling = Sampling(max_tokens=body.max_completion_tokens or body.max_tokens,
-                            **{k: getattr(body, k) if getattr(body, k) is not None else v for k, v in defaults.items()},
-                            seed=body.seed)
+    async def _answer(body: Sampled, prompts: list[Prompt], request: Request, chat: bool):
+        if len(prompts) * body.n > MAX_CHOICES:
+            raise ApiError(400, f"{len(prompts)} prompts x n {body.n} = {len(prompts) * body.n} choices; at most "
+                                f"{MAX_CHOICES} per request", param="n")
+        settings = {k: getattr(body, k) if getattr(body, k) is not None else v for k, v in defaults.items()}
+        echo = getattr(body, "echo", False)
         loop = asyncio.get_running_loop()
-        sink = _Sink(handoffs.get(loop) or handoffs.setdefault(loop, _Handoff(loop)))
+        handoff = handoffs.get(loop) or handoffs.setdefault(loop, _Handoff(loop))
+        queue: asyncio.Queue = asyncio.Queue()
         adapter = None if body.model == model_name else body.model
+        shape = (lambda: None) if not chat else lambda: tools.ReplyStream(  # the chat's text -> its message parts
+            tools.thinking(body.template_kwargs), calls=tools.offers_tools(body.tools, body.tool_choice))
+        choices = []
         try:
-            req = engine.submit(ids, adapter, sampling, sink)
-        except ContextError as e:
-            raise ApiError(400, str(e), code="context_length_exceeded", param="messages" if chat else "prompt") \
-                from None
-        except KeyError as e:
-            raise ApiError(404, f"model {body.model!r} not found (no adapter {e.args[0]!r}; GET /v1/models lists "
-                                "them)", code="model_not_found", param="model") from None
-        except ValueError as e:
-            raise ApiError(400, str(e)) from None
-        run = _Run(engine, req, sink, TextStream(tokenizer, body.stops), metrics)
-        reply = _Reply(chat, body.model, len(ids))
+            for prompt in prompts:
+                for j in range(body.n):  # n choices of one prompt: seeds seed, seed + 1, ... (distinct, reproducible)
+                    sampling = Sampling(max_tokens=body.new_tokens, seed=None if body.seed is None else body.seed + j,
+                                        logprobs=body.k, prompt_logprobs=(body.k or 0) if echo else None, **settings)
+                    c = Choice(len(choices), prompt, TextStream(tokenizer, body.stops), echo=echo, shape=shape())
+                    c.req = engine.submit(prompt.ids, adapter, sampling, Sink(handoff, queue, c.index))
+                    choices.append(c)
+        except (ContextError, KeyError, ValueError) as e:
+            for c in choices:
+                engine.cancel(c.req)
+            where = f"prompt[{len(choices) // body.n}]: " if len(prompts) > 1 else ""
+            if isinstance(e, ContextError):
+                raise ApiError(400, where + str(e), code="context_length_exceeded",
+                               param="messages" if chat else "prompt") from None
+            if isinstance(e, KeyError):
+                raise ApiError(404, f"model {body.model!r} not found (no adapter {e.args[0]!r}; GET /v1/models "
+                                    "lists them)", code="model_not_found", param="model") from None
+            raise ApiError(400, where + str(e)) from None
+        reply = Reply(chat, body.model, None if body.k is None else Formats(tokenizer, body.k))
+        run = Run(engine, choices, queue, metrics, reply, sum(len(p.ids) for p in prompts))
         if body.stream:
-            return StreamingResponse(run.stream(reply, body.include_usage), media_type="text/event-stream")
-        return await run.whole(reply, request)
+            return StreamingResponse(run.stream(body.include_usage), media_type="text/event-stream")
+        return await run.whole(request)
 
+    playground.mount(app, engine, model_name=model_name, lora_dir=lora_dir, auth=bool(api_key), page=ui)
     return app
 
 
 def _route(request: Request) -> str:
     path = request.url.path
     return path if not path.startswith("/v1/adapters/") else "/v1/adapters/{name}"
-
-
-class _Reply:
-    """OpenAI's response and chunk bodies for one request."""
-
-    def __init__(self, chat: bool, model: str, prompt_tokens: int):
-        self.chat, self.model, self.prompt_tokens = chat, model, prompt_tokens
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        self.created = int(time.time())
-
-    def usage(self, n: int) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n}
-
-    def _body(self, obj: str, choice: dict, **extra) -> dict:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [choice],
-                **extra}
-
-    def whole(self, text: str, finish: str, n: int) -> dict:
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-            return self._body("chat.completion", choice, usage=self.usage(n))
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        return self._body("text_completion", choice, usage=self.usage(n))
-
-    def chunk(self, text: Optional[str], finish: Optional[str] = None, role: bool = False) -> str:
-        if self.chat:
-            delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
-            body = self._body("chat.completion.chunk", {"index": 0, "delta": delta, "finish_reason": finish})
-        else:
-            body = self._body("text_completion", {"index": 0, "text": text or "", "logprobs": None,
-                                                  "finish_reason": finish})
-        return _sse(body)
-
-    def usage_chunk(self, n: int) -> str:
-        body = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                "created": self.created, "model": self.model, "choices": [], "usage": self.usage(n)}
-        return _sse(body)
-
-
-def _sse(body: dict) -> str:
-    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-
-class _Run:
-    """Reads one request's tokens off its queue into text (stop strings applied), counting tokens."""
-
-    def __init__(self, engine: Engine, req, sink: _Sink, text: TextStream, metrics: _Metrics):
-        self.engine, self.req, self.sink, self.text, self.metrics = engine, req, sink, text, metrics
-        self.tokens, self.finish, self.ended = 0, None, False
-
-    def _take(self, kind: str, value) -> str:
-        """One queue event -> new text; sets self.finish when the answer is complete."""
-        if kind == "token":
-            if self.tokens == 0:
-                self.metrics.ttft.observe(time.perf_counter() - self.req.submitted)
-            self.tokens += 1
-            new = self.text.put(value)
-            if self.text.stopped:
-                self.engine.cancel(self.req)
-                self.finish = "stop"
-            return new
-        self.ended = True
-        if value == "error":
-            raise ApiError(500, f"the engine failed: {self.engine.error!r}", code="engine_error")
-        self.finish = FINISH.get(value, "stop")
-        return self.text.end()
-
-    def _count(self) -> None:
-        self.metrics.prompt_tokens.inc(len(self.req.prompt))
-        self.metrics.completion_tokens.inc(self.tokens)
-
-    async def whole(self, reply: _Reply, request: Request):
-        parts = []
-        while self.finish is None:
-            try:
-                kind, value = await asyncio.wait_for(self.sink.queue.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    self.engine.cancel(self.req)
-                    return Response(status_code=499)
-                continue
-            parts.append(self._take(kind, value))
-        self._count()
-        return reply.whole("".join(parts), self.finish, self.tokens)
-
-    async def stream(self, reply: _Reply, include_usage: bool):
-        try:
-            if reply.chat:
-                yield reply.chunk(None, role=True)
-            while self.finish is None:
-                kind, value = await self.sink.queue.get()
-                try:
-                    new = self._take(kind, value)
-                    while self.finish is None and not self.sink.queue.empty():  # a client behind gets one chunk
-                        new += self._take(*self.sink.queue.get_nowait())
-                except ApiError as e:  # the status line is gone: the error goes in the stream, as OpenAI does
-                    yield _sse(error_body(e.message, kind="server_error", code=e.code))
-                    return
-                if new:
-                    yield reply.chunk(new)
-            yield reply.chunk(None, self.finish)
-            if include_usage:
-                yield reply.usage_chunk(self.tokens)
-            yield "data: [DONE]\n\n"
-            self._count()
-        finally:  # the client went away (or the stream ended): stop decoding for it
-            if not self.ended:
-                self.engine.cancel(self.req)
-

@@ -387,8 +387,9 @@ class Engine:
     def _steady(self) -> bool:
         """Will every running request still run after the step in flight (as far as the host knows), and is no
         waiting request due to join?"""
-        with self._wake:
-            if not self._running or (self.waiting and len(self.slots) < self.max_batch):
+        with self._wake:  # (a request that only scores its prompt needs no free slot to join)
+            if not self._running or (self.waiting and (len(self.slots) < self.max_batch
+                                                       or self.waiting[0].max_tokens == 0)):
                 return False
         return not any(s.req.cancelled or s.req.generated + 1 >= s.req.max_tokens for s in self.slots)
 

@@ -12,7 +12,8 @@ batching (rows with different adapters decode in one compiled step).
 POST /v1/adapters {"name", "path" inside --lora_dir} / DELETE /v1/adapters/NAME while serving.
 Binds 127.0.0.1 unless --host says otherwise; --api_key (or $MINIMIND_API_KEY) makes every route but /health
 require `Authorization: Bearer KEY`. Sampling defaults are MiniMind's (temperature 0.85, top_p 0.95, top_k 50);
-a request's own values win; `temperature: 0` is greedy.
+a request's own values win; `temperature: 0` is greedy. http://127.0.0.1:8998/ is a web playground over this API
+(chat, compare models side by side, load adapters, live metrics; --ui 0: off).
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ def parse_args(argv=None):
     a("--temperature", type=float, default=0.85, help="default when a request sends none")
     a("--top_p", type=float, default=0.95, help="default when a request sends none")
     a("--top_k", type=int, default=50, help="default when a request sends none (0: off)")
+    a("--ui", type=int, default=1, choices=[0, 1], help="the web playground at / (chat, compare, adapters; 0: off)")
     a("--warmup", type=int, default=1, choices=[0, 1], help="compile every shape before accepting requests "
                                                              "(0: each on first use, pausing the running ones)")
     return ap.parse_args(argv)
@@ -123,9 +125,14 @@ def main(argv=None):
     engine.start()
     app = build_app(engine, tokenizer, model_name=args.model_name, lora_dir=args.lora_dir, api_key=args.api_key,
                     load_adapter=lambda p: load_adapter_file(p, engine.params, engine.config),
-                    defaults={"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k})
+                    defaults={"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k},
+                    ui=bool(args.ui))
     print(f"[serve] http://{args.host}:{args.port}/v1  models: {[args.model_name] + list(engine.adapters.names())}"
           f"  ({args.max_batch} slots, context {args.max_seq_len})", file=sys.stderr, flush=True)
+    if args.ui:
+        host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+        print(f"[serve] playground: open http://{'[' + host + ']' if ':' in host else host}:{args.port}/ in a browser",
+              file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     engine.stop()
 

@@ -5,6 +5,7 @@ could be the start of a stop string waits until it is not (a stop string is neve
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 
@@ -57,3 +58,32 @@ class TextStream:
                     best = n
                     break
         return best
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_of() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, reversed: the character a byte-level BPE writes for each byte -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+class Pieces:
+    """Each token's own text and bytes (logprobs name tokens by them): the text is what decoding the token alone
+    gives (U+FFFD for part of a character: a byte-level BPE splits characters), the bytes are exact."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.text = functools.lru_cache(maxsize=None)(lambda i: tokenizer.decode([i]))
+
+    def bytes(self, token: int) -> list[int]:
+        raw, byte_of = self.tok.tokenizer.id_to_token(int(token)) or "", _byte_of()
+        if raw and all(ch in byte_of for ch in raw):
+            return [byte_of[ch] for ch in raw]
+        return list(self.text(token).encode())
