@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import lora
-from lora import parse_mix  # noqa: F401  (the model strings' mix notation; serve.adapters.parse_mix)
 
 MIX_CACHE = 8  # weighted mixes kept built (least recently used dropped first, never one in use)
 
@@ -91,7 +90,7 @@ class AdapterStack:
                 if entry.parts:
                     self._mixes.move_to_end(model)
                 return model
-            terms = parse_mix(model)
+            terms = lora.parse_mix(model, signed=True)  # "a+-0.5*b": an adapter taken away is a mix too
             for _, n in terms:
                 e = self._entries.get(n)
                 if e is None or e.parts:

@@ -14,7 +14,7 @@ import lora
 from conftest import TINY
 from minimind_jax import MiniMindForCausalLM
 from minimind_jax.generate import generate
-from serve.adapters import AdapterStack, parse_mix
+from serve.adapters import AdapterStack
 from serve.engine import ContextError, Engine, Sampling
 
 
@@ -123,9 +123,11 @@ def test_an_unloaded_adapter_stays_for_the_requests_that_hold_it(tiny):
 
 
 def test_mix_names():
+    parse_mix = lambda spec: lora.parse_mix(spec, signed=True)  # what the engine reads a model string with
     assert parse_mix("a+0.5*b") == [(1.0, "a"), (0.5, "b")]
     assert parse_mix(" lora_x + 2e-1 * lora-y ") == [(1.0, "lora_x"), (0.2, "lora-y")]
-    for bad in ("a+", "*b", "a+-1*b", "a b"):
+    assert parse_mix("a+-1*b") == [(1.0, "a"), (-1.0, "b")]  # b taken away
+    for bad in ("a+", "*b", "a--1*b", "a b"):
         with pytest.raises(ValueError):
             parse_mix(bad)
 

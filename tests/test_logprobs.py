@@ -43,7 +43,7 @@ def reference(params, adapters, model: str, ids) -> np.ndarray:
     """log-softmax [T, V] of a plain forward pass over `ids` (no cache), the adapter applied by lora.apply."""
     mix = None
     if model is not None:
-        parts = lora.parse_mix(model)
+        parts = lora.parse_mix(model, signed=True)
         mix = lora.combine([adapters[n] for _, n in parts], [w for w, _ in parts])
     logits = lora.apply(MODEL, params, mix, jnp.asarray([ids], jnp.int32)).logits[0]
     return np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1))
@@ -80,7 +80,7 @@ def run(engine, jobs):
 PROMPTS = [[1, 5, 9, 33, 2, 60, 7], list(range(3, 40)), [4, 4, 8, 15, 16, 23, 42, 11, 90]]
 
 
-@pytest.mark.parametrize("model", [None, "a", "head", "a+0.5*head"])
+@pytest.mark.parametrize("model", [None, "a", "head", "a+0.5*head", "head+-0.5*a"])
 def test_a_scored_prompt_is_the_forward_pass_log_softmax(served, model):
     engine, params, adapters = served
     # scored alongside requests of other adapters and lengths: a token's logprob must not depend on its batch

@@ -5,9 +5,8 @@
 (() => {
   const KEY_STORE = "minimind.apiKey"; // sessionStorage: this tab only, gone when it closes
   const LANG_STORE = "minimind.lang";
-  // Mix weights. The server's mixes take weights >= 0 (serve.adapters reads the model string with lora.parse_mix,
-  // unsigned); a negative minimum composes "a+-0.5*b", which needs parse_mix(model, signed=True) there.
-  const MIN_WEIGHT = 0, MAX_WEIGHT = 2, WEIGHT_STEP = 0.05;
+  // Mix weights: the server reads signed mixes ("a+-0.5*b" takes half of b away), 0 leaves an adapter out.
+  const MIN_WEIGHT = -1, MAX_WEIGHT = 2, WEIGHT_STEP = 0.05;
   const MAX_COLUMNS = 4, MIN_COLUMNS = 2;
 
   const I18N = {
