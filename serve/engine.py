@@ -321,17 +321,18 @@ class Engine:
                 self.params, self.adapters.arrays(), jnp.asarray(indices), jnp.asarray(prompts),
                 jnp.asarray(lengths + [1] * (p - len(reqs)), jnp.int32), config=self.config, dtype=self.dtype,
                 score=any(r.sampling.prompt_logprobs is not None for r in reqs))
-            self._fit(max(tb, max(lengths) + 1))
+            decoding = [j for j, r in enumerate(reqs) if r.max_tokens > 0]  # the rest only scored their prompts
+            self._fit(max([tb] + [lengths[j] + 1 for j in decoding]))
             pad = [None] * (p - len(reqs))
             knobs, statics = self._knobs([r.sampling for r in reqs] + pad, [r.seed for r in reqs] + [0] * len(pad),
                                          [0] * p)
             tokens, seen_rows = programs.select(logits, seen_rows, jnp.arange(p), knobs, statics=statics)
             chosen = self._score(logits, tokens, [r.sampling.logprobs for r in reqs])
             first = len(self.slots)
-            decoding = [j for j, r in enumerate(reqs) if r.max_tokens > 0]
-            slots = np.full(p, self.max_batch, np.int32)  # past the last slot: a padding row, dropped
-            slots[decoding] = np.arange(first, first + len(decoding))
-            self.cache, self.seen = programs.insert(self.cache, self.seen, kv, seen_rows, jnp.asarray(slots))
+            if decoding:
+                slots = np.full(p, self.max_batch, np.int32)  # past the last slot: a padding row, dropped
+                slots[decoding] = np.arange(first, first + len(decoding))
+                self.cache, self.seen = programs.insert(self.cache, self.seen, kv, seen_rows, jnp.asarray(slots))
             tokens = np.asarray(tokens)
             scores = None if scores is None else [np.asarray(x) for x in scores]
         except Exception:

@@ -123,6 +123,17 @@ def test_generated_tokens_carry_their_logprobs(served, model):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_a_prompt_as_long_as_the_context_can_be_scored(served):
+    engine, params, adapters = served
+    prompt = [(7 * i) % 90 + 3 for i in range(engine.max_seq_len)]
+    [sink] = run(engine, [(prompt, "a", Sampling(max_tokens=0, prompt_logprobs=0))])
+    np.testing.assert_allclose([lp.logprob for lp in sink.prompt[1:]],
+                               reference(params, adapters, "a", prompt)[np.arange(len(prompt) - 1), prompt[1:]],
+                               rtol=1e-5, atol=1e-5)
+    [again] = run(engine, [(prompt[:40], None, Sampling(max_tokens=4, temperature=0))])  # and it serves on
+    assert again.reason == "length" and len(again.tokens) == 4
+
+
 def test_bad_logprob_settings_are_refused():
     for bad in (dict(logprobs=21), dict(prompt_logprobs=-1), dict(max_tokens=0)):
         with pytest.raises(ValueError):

@@ -40,7 +40,9 @@ def server(tmp_path_factory):
         lambda p, x: x * 8.0 if p[-1].key in ("kernel", "embedding") else x, init_params(CONFIG, 11))
     convert.save_model(params, CONFIG, d / "base.safetensors")
     adapters = {"alpha": _adapter(params, 1, 4, "square"), "head": _adapter(params, 5, 4, "q_proj,v_proj,lm_head")}
-    args = ["--weight", str(d / "base.safetensors"), "--hidden_size", "64", "--max_batch", "4", "--max_seq_len", "256"]
+    (d / "loras").mkdir()  # empty: the tool-calling adapter is trained by a test and loaded while serving
+    args = ["--weight", str(d / "base.safetensors"), "--hidden_size", "64", "--max_batch", "4", "--max_seq_len", "512",
+            "--lora_dir", str(d / "loras")]  # 512: a prompt with a tool's schema is ~240 tokens
     for name, a in adapters.items():
         convert.save_adapter(a, d / f"{name}.ckpt", config=CONFIG, params=params)
         args += ["--lora", f"{name}={d / f'{name}.ckpt'}"]
@@ -178,7 +180,7 @@ def test_tokenizer_routes(server, tokenizer):
     ids = tokenizer.encode("你好 world")
     assert _post(server, "/tokenize", {"prompt": "你好 world"}).json()["tokens"] == [tokenizer.bos_token_id] + ids
     r = _post(server, "/tokenize", {"prompt": "你好 world", "add_special_tokens": False}).json()
-    assert r["tokens"] == ids and r["count"] == len(ids) and r["max_model_len"] == 256
+    assert r["tokens"] == ids and r["count"] == len(ids) and r["max_model_len"] == 512
     messages = [{"role": "user", "content": "hi"}]
     chat = _post(server, "/v1/chat/completions", {"model": "minimind", "messages": messages, "max_tokens": 1}).json()
     assert _post(server, "/tokenize", {"messages": messages}).json()["count"] == chat["usage"]["prompt_tokens"]
@@ -232,6 +234,97 @@ def test_a_huge_body_is_refused_before_any_work(server):
                    headers={"content-type": "application/json"})
     assert r.status_code == 413
     assert httpx.get(server["url"] + "/health").json()["status"] == "ok"
+
+
+# ------------------------------------------------------------------------------------------- tools and reasoning
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                              "parameters": {"type": "object", "properties": {
+                                                  "city": {"type": "string"}}, "required": ["city"]}}}]
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+def _memorize(server, tokenizer, pairs: list[tuple[str, str]], steps: int = 300) -> lora.Adapter:
+    """An adapter that makes the served base answer each prompt text with its answer text, greedily: trained here,
+    on those answers' tokens only (a stand-in for a tool-calling, reasoning fine-tune of MiniMind-3)."""
+    import optax
+    model, params = MiniMindForCausalLM(CONFIG), server["params"]
+    rows = [(tokenizer.encode(p), tokenizer.encode(a + "<|im_end|>")) for p, a in pairs]
+    t = max(len(p) + len(a) for p, a in rows)
+    ids = np.zeros((len(rows), t), np.int32)
+    mask = np.zeros((len(rows), t), np.float32)
+    for i, (p, a) in enumerate(rows):
+        ids[i, :len(p) + len(a)] = p + a
+        mask[i, len(p):len(p) + len(a)] = 1  # position t's target is ids[t]: predicted at t - 1
+    # lm_head too: the spread base's logits are too steep for the projections alone to turn
+    adapter = lora.init(params, jax.random.key(0), rank=16, alpha=32,
+                        targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head")
+    tx = optax.adam(3e-3)
+
+    def loss(a):
+        logits = lora.apply(model, params, a, jnp.asarray(ids)).logits[:, :-1]
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(ids)[:, 1:, None], -1)[..., 0]
+        return (nll * mask[:, 1:]).sum() / mask.sum()
+
+    @jax.jit
+    def step(a, opt):
+        value, g = jax.value_and_grad(loss)(a)
+        updates, opt = tx.update(g, opt)
+        return optax.apply_updates(a, updates), opt, value
+    opt = tx.init(adapter)
+    for _ in range(steps):
+        adapter, opt, value = step(adapter, opt)
+    assert float(value) < 0.01, float(value)
+    return adapter
+
+
+def test_a_two_turn_tool_exchange_and_reasoning_with_the_openai_client(server, tokenizer):
+    from transformers import AutoTokenizer
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    hello = [{"role": "user", "content": "Say hello."}]
+    pairs = [(tokenizer.apply_chat_template(ask, tools=WEATHER, add_generation_prompt=True), CALL),
+             (tokenizer.apply_chat_template(hello, add_generation_prompt=True, open_thinking=True),
+              "The user wants a greeting.\n</think>\n\nHello! 你好!")]
+    adapter = _memorize(server, tokenizer, pairs)
+    convert.save_adapter(adapter, server["dir"] / "loras" / "caller.ckpt", config=CONFIG, params=server["params"])
+    assert _post(server, "/v1/adapters", {"name": "caller", "path": "caller.ckpt"}).status_code == 200
+    client = openai.OpenAI(base_url=server["url"] + "/v1", api_key="-", max_retries=0, timeout=120)
+    turn1 = client.chat.completions.create(model="caller", messages=ask, tools=WEATHER, temperature=0, max_tokens=40)
+    choice = turn1.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    # streamed: the same call as a delta.tool_calls chunk, no tag in any content
+    chunks = list(client.chat.completions.create(model="caller", messages=ask, tools=WEATHER, temperature=0,
+                                                 max_tokens=40, stream=True))
+    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert [(tc.function.name, tc.function.arguments) for tc in calls] == [(call.function.name,
+                                                                          call.function.arguments)]
+    assert not any(c.choices and c.choices[0].delta.content for c in chunks)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    # tool_choice "none": the tools are not offered, the same text is plain content
+    plain = client.chat.completions.create(model="caller", messages=ask, tools=WEATHER, tool_choice="none",
+                                           temperature=0, max_tokens=40)
+    assert not plain.choices[0].message.tool_calls
+    # turn 2: the call and its result go back; the prompt is what MiniMind's template renders through transformers
+    turn2 = ask + [choice.message.to_dict(), {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 21}'}]
+    reply = client.chat.completions.create(model="caller", messages=turn2, tools=WEATHER, temperature=0,
+                                           max_tokens=5)
+    hf = AutoTokenizer.from_pretrained(str(fixture_dir("tokenizer_minimind")))
+    want = hf.apply_chat_template(turn2, tools=WEATHER, tokenize=False, add_generation_prompt=True)
+    assert reply.usage.prompt_tokens == len(tokenizer.encode(want))
+    assert _post(server, "/tokenize", {"messages": turn2, "tools": WEATHER}).json()["tokens"] == \
+        tokenizer.encode(want)
+    # reasoning: the think block apart from the answer, plain and streamed
+    kw = {"extra_body": {"chat_template_kwargs": {"enable_thinking": True}}}
+    r = client.chat.completions.create(model="caller", messages=hello, temperature=0, max_tokens=40, **kw)
+    message = r.choices[0].message
+    assert message.reasoning_content == "The user wants a greeting." and message.content == "Hello! 你好!"
+    parts = {"reasoning_content": "", "content": ""}
+    for c in client.chat.completions.create(model="caller", messages=hello, temperature=0, max_tokens=40,
+                                            stream=True, **kw):
+        for key in parts:
+            parts[key] += (c.choices and getattr(c.choices[0].delta, key, None)) or ""
+    assert parts == {"reasoning_content": message.reasoning_content, "content": message.content}
 
 
 # ---------------------------------------------------------------------------------------------------- lm-eval
