@@ -34,6 +34,9 @@ from pathlib import Path
 
 import httpx
 
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)  # `python bench/scores.py`: bench/serve.py would hide the project's serve package
+
 from minimind_jax.tokenizer import load_tokenizer
 
 # bench/serve.py (the server start, the base and the adapters), by path: its name is the project's serve package's

@@ -267,10 +267,10 @@ class Run:
                 try:
                     news = {}
                     for index, kind, value in events:
-                        c = self.choices[index]
-                        if kind == "prompt" and c.echo:
+                        new, c = self._take(index, kind, value), self.choices[index]
+                        if kind == "prompt" and c.echo:  # before any of its tokens
                             yield reply.chunk(c, c.prompt.text, prompt=True)
-                        news[index] = news.get(index, "") + self._take(index, kind, value)
+                        news[index] = news.get(index, "") + new
                 except ApiError as e:  # the status line is gone: the error goes in the stream, as OpenAI does
                     yield _sse(error_body(e.message, kind="server_error", code=e.code))
                     return

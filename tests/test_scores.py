@@ -176,6 +176,25 @@ def test_a_batch_with_n_choices(server, tokenizer):
     assert [texts[i] for i in range(6)] == [c["text"] for c in choices]
 
 
+def test_echo_and_logprobs_stream_as_they_come_whole(server, tokenizer):
+    body = {"model": "head", "prompt": ["Hello there", "你好"], "echo": True, "logprobs": 2, "max_tokens": 5,
+            "temperature": 0}
+    whole = sorted(_post(server, "/v1/completions", body).json()["choices"], key=lambda c: c["index"])
+    got = {0: {"text": "", "tokens": [], "token_logprobs": [], "text_offset": []}, 1: None}
+    got[1] = {k: type(v)() for k, v in got[0].items()}
+    with httpx.stream("POST", server["url"] + "/v1/completions", json={**body, "stream": True}, timeout=300) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: {"):
+                for c in json.loads(line[6:])["choices"]:
+                    got[c["index"]]["text"] += c["text"]
+                    for key in ("tokens", "token_logprobs", "text_offset"):
+                        got[c["index"]][key] += (c["logprobs"] or {}).get(key, [])
+    for i, c in enumerate(whole):
+        assert got[i] == {"text": c["text"], **{k: c["logprobs"][k] for k in ("tokens", "token_logprobs",
+                                                                             "text_offset")}}
+        assert c["text"].startswith(body["prompt"][i]) and c["logprobs"]["token_logprobs"][0] is None
+
+
 def test_tokenizer_routes(server, tokenizer):
     ids = tokenizer.encode("你好 world")
     assert _post(server, "/tokenize", {"prompt": "你好 world"}).json()["tokens"] == [tokenizer.bos_token_id] + ids
