@@ -5,21 +5,9 @@ from __future__ import annotations
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import convert
 from minimind_jax.config import MiniMindConfig
-
-
-def random_base_of(adapter_path) -> Optional[tuple[MiniMindConfig, int]]:
-    """(config, seed) of the random-init base an adapter was trained on (train.lora records both), else None."""
-    try:
-        meta = convert.read_adapter_metadata(adapter_path)
-    except Exception:  # not an adapter this can read: loading it reports why
-        return None
-    if meta.get("base_random_seed") is None or not meta.get("base_config"):
-        return None
-    return MiniMindConfig.from_dict(meta["base_config"]), int(meta["base_random_seed"])
 
 
 def load_serving_base(weight, config_path=None, *, adapter_path=None, family="minimind2", hidden_size=512,
@@ -29,7 +17,7 @@ def load_serving_base(weight, config_path=None, *, adapter_path=None, family="mi
     `convert.load_base` of `weight` (a path), or with `weight` None of the random base `adapter_path` was trained on
     when it records one (the bundled demo's adapter: its config and seed), else of a random init of the given shape
     and seed 0 (gibberish; smoke tests only). rope_scaling: YaRN on, whatever the base's config says."""
-    rebuilt = random_base_of(adapter_path) if weight is None and adapter_path is not None else None
+    rebuilt = convert.random_base_of(adapter_path) if weight is None and adapter_path is not None else None
     if rebuilt is not None:
         config, seed = rebuilt
         config, params, _ = convert.load_base(None, config=config, seed=seed)
