@@ -231,18 +231,21 @@ class Engine:
     def active(self) -> int:
         return len(self.slots)
 
-    def compile_all(self, samplings=(Sampling(temperature=0), Sampling()), threads: Optional[int] = None) -> int:
+    def compile_all(self, samplings=(Sampling(temperature=0), Sampling()), threads: Optional[int] = None,
+                    scoring: Optional[bool] = None) -> int:
         """Compile, before serving, what requests would otherwise compile on first use (pausing the running ones):
-        the decode step for every row bucket and cache length, the prefill for every (rows, prompt bucket) shape,
-        scoring the prompts or not (with the adapter stack as it is now), the logprobs, the copies between them
-        and the token choice for `samplings` and any mix of them in one batch, `threads` (default: one per core,
-        at most 8) compiling at once. Call before `start`. -> the number of programs compiled."""
+        the decode step for every row bucket and cache length, the prefill for every (rows, prompt bucket) shape
+        (with the adapter stack as it is now), the copies between them and the token choice for `samplings` and any
+        mix of them in one batch, `threads` (default: one per core, at most 8) compiling at once; and the scoring
+        programs (the prefills that score their prompts, the logprobs). `scoring` False: all but those, True: only
+        those (serve.openai compiles them while it serves already: they touch no engine state). Call before `start`
+        (scoring=True: at any time). -> the number of programs compiled."""
         stack, cfg, dt = self.adapters.arrays(), self.config, self.dtype
         cache = lambda length: init_cache(cfg, self.max_batch, length, dt)["layers"]
         seen = lambda: jnp.zeros((self.max_batch, cfg.vocab_size), bool)
         zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), tree)  # of shape structs
         ids = lambda rows: jnp.zeros(rows, jnp.int32)
-        tasks = []  # thunks, each running one program once on zeros (which compiles it)
+        tasks, score_tasks = [], []  # thunks, each running one program once on zeros (which compiles it)
         for length in self.lengths:
             tasks += [lambda rows=rows, length=length: programs.step(
                 self.params, stack, ids(rows) - 1, cache(length), ids(rows), ids(rows), config=cfg, dtype=dt)
@@ -253,14 +256,14 @@ class Engine:
         for p, tb in self.prefill_shapes:
             args = lambda p=p, tb=tb: (self.params, stack, jnp.full(p, -1, jnp.int32), jnp.zeros((p, tb), jnp.int32),
                                        jnp.ones(p, jnp.int32))
-            tasks += [lambda args=args, score=score: programs.prefill(*args(), config=cfg, dtype=dt, score=score)
-                      for score in (False, True)]
+            tasks.append(lambda args=args: programs.prefill(*args(), config=cfg, dtype=dt))
+            score_tasks.append(lambda args=args: programs.prefill(*args(), config=cfg, dtype=dt, score=True))
             kv, _, rows, _ = jax.eval_shape(partial(programs.prefill, config=cfg, dtype=dt), *args())
             tasks += [lambda length=length, kv=kv, rows=rows, p=p: programs.insert(
                 cache(length), seen(), zeros(kv), zeros(rows), jnp.arange(p, dtype=jnp.int32))
                 for length in self.lengths if length >= tb]
-        tasks += [lambda rows=rows: programs.logprobs(jnp.zeros((rows, cfg.vocab_size)), ids(rows))
-                  for rows in sorted(set(self.row_sizes) | {p for p, _ in self.prefill_shapes})]
+        score_tasks += [lambda rows=rows: programs.logprobs(jnp.zeros((rows, cfg.vocab_size)), ids(rows))
+                        for rows in sorted(set(self.row_sizes) | {p for p, _ in self.prefill_shapes})]
         # new requests' first tokens: the prefill's own seen rows
         prefilled = lambda p: (lambda: jnp.zeros((p, cfg.vocab_size), bool))
         kinds = list({s.static: s for s in samplings}.values())
@@ -272,6 +275,7 @@ class Engine:
                 knobs, statics = self._knobs([mix[j % len(mix)] for j in range(rows)], [0] * rows, [0] * rows)
                 tasks.append(lambda rows=rows, target=target, knobs=knobs, statics=statics: programs.select(
                     jnp.zeros((rows, cfg.vocab_size)), target(), jnp.arange(rows), knobs, statics=statics))
+        tasks = {None: tasks + score_tasks, False: tasks, True: score_tasks}[scoring]
         # XLA compiles with the GIL released: programs compile side by side, one per core
         with concurrent.futures.ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
             list(pool.map(lambda task: jax.block_until_ready(task()), tasks))

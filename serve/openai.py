@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 import time
 
 import convert
@@ -104,6 +105,15 @@ def setup(args):
     return engine, tokenizer
 
 
+def _compile_scoring(engine) -> None:
+    """The scoring programs (echo's prefills, logprobs), compiled while the server already answers: a chat user
+    does not wait for them; a scoring request before they are done compiles its own shape."""
+    t0 = time.perf_counter()
+    n = engine.compile_all(scoring=True, threads=1)
+    print(f"[serve] compiled {n} scoring programs (echo, logprobs) in {time.perf_counter() - t0:.1f} s while "
+          "serving", file=sys.stderr, flush=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:  # the server's dependencies are an extra: the training install does not have them
@@ -119,9 +129,10 @@ def main(argv=None):
     if args.warmup:
         t0 = time.perf_counter()
         n = engine.compile_all([Sampling(temperature=0), Sampling(temperature=args.temperature, top_p=args.top_p,
-                                                                  top_k=args.top_k)])
+                                                                  top_k=args.top_k)], scoring=False)
         print(f"[serve] compiled {n} programs (decode for every cache length up to {args.max_seq_len}, prefill for "
               f"every prompt bucket) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        threading.Thread(target=_compile_scoring, args=(engine,), daemon=True).start()
     engine.start()
     app = build_app(engine, tokenizer, model_name=args.model_name, lora_dir=args.lora_dir, api_key=args.api_key,
                     load_adapter=lambda p: load_adapter_file(p, engine.params, engine.config),
