@@ -33,11 +33,15 @@ import time
 from pathlib import Path
 
 import httpx
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)  # `python bench/scores.py`: bench/serve.py would hide the project's serve package
-
-from minimind_jax.tokenizer import load_tokenizer
+from minimind_jax.tokenizer import load_tokenizer  # noqa: E402
+from serve import programs  # noqa: E402
+from serve.adapters import AdapterStack  # noqa: E402
 
 # bench/serve.py (the server start, the base and the adapters), by path: its name is the project's serve package's
 _spec = importlib.util.spec_from_file_location("bench_serve", Path(__file__).with_name("serve.py"))
@@ -125,12 +129,6 @@ def one_round(url: str, prompts: list, models: list, args) -> dict:
 
 def prefill_reference(config, params, adapters, prompts, repeats: int = 5) -> float:
     """Prompts/s of the engine's scoring prefill called directly, 8 prompts per call in the 128-token bucket."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from serve import programs
-    from serve.adapters import AdapterStack
     stack = AdapterStack(params, config, capacity=max(1, len(adapters)))
     for i, a in enumerate(adapters):
         stack.add(f"bench{i}", a)

@@ -256,7 +256,8 @@ class Engine:
         for p, tb in self.prefill_shapes:
             args = lambda p=p, tb=tb: (self.params, stack, jnp.full(p, -1, jnp.int32), jnp.zeros((p, tb), jnp.int32),
                                        jnp.ones(p, jnp.int32))
-            tasks.append(lambda args=args: programs.prefill(*args(), config=cfg, dtype=dt))
+            # score passed as _admit passes it: jit keys its cache on how an argument is given, not only its value
+            tasks.append(lambda args=args: programs.prefill(*args(), config=cfg, dtype=dt, score=False))
             score_tasks.append(lambda args=args: programs.prefill(*args(), config=cfg, dtype=dt, score=True))
             kv, _, rows, _ = jax.eval_shape(partial(programs.prefill, config=cfg, dtype=dt), *args())
             tasks += [lambda length=length, kv=kv, rows=rows, p=p: programs.insert(

@@ -176,6 +176,22 @@ def test_a_batch_with_n_choices(server, tokenizer):
     assert [texts[i] for i in range(6)] == [c["text"] for c in choices]
 
 
+def test_chat_with_n_choices_plain_and_streamed(server):
+    client = openai.OpenAI(base_url=server["url"] + "/v1", api_key="-", max_retries=0, timeout=120)
+    ask = dict(model="alpha", messages=[{"role": "user", "content": "讲个笑话"}], temperature=1.0, max_tokens=8,
+               seed=11)
+    r = client.chat.completions.create(**ask, n=3)
+    texts = [c.message.content for c in sorted(r.choices, key=lambda c: c.index)]
+    assert [c.index for c in sorted(r.choices, key=lambda c: c.index)] == [0, 1, 2] and len(set(texts)) > 1
+    for j, text in enumerate(texts):
+        assert client.chat.completions.create(**{**ask, "seed": 11 + j}).choices[0].message.content == text
+    streamed = {}
+    for chunk in client.chat.completions.create(**ask, n=3, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + (c.delta.content or "")
+    assert [streamed[j] or None for j in range(3)] == texts
+
+
 def test_echo_and_logprobs_stream_as_they_come_whole(server, tokenizer):
     body = {"model": "head", "prompt": ["Hello there", "你好"], "echo": True, "logprobs": 2, "max_tokens": 5,
             "temperature": 0}
