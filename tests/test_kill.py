@@ -95,6 +95,20 @@ def test_sigkill_then_resume_gives_the_uninterrupted_adapter(tiny, reference, tm
     assert _steps(tmp_path) == ref_steps  # every step once, none skipped or repeated
 
 
+def test_a_kill_between_the_last_resume_state_and_its_adapter(tiny, reference, tmp_path):
+    """The last step's resume state is written and its adapter not (a SIGKILL between the two writes, which the
+    test above hits now and then): the resumed run has no step left to train and writes the adapter from that
+    state."""
+    ref_weights, ref_steps = reference
+    _finish(_cmd(tiny, tmp_path))
+    shutil.rmtree(tmp_path / "lora_identity_32.ckpt")
+    out = _finish(_cmd(tiny, tmp_path, "--from_resume", "1"))
+    assert "resumed from" in out
+    for got, want in zip(_weights(tmp_path), ref_weights):
+        np.testing.assert_array_equal(got, want)
+    assert _steps(tmp_path) == ref_steps
+
+
 def test_sigterm_saves_the_last_step_and_exits(tiny, reference, tmp_path):
     """SIGTERM (a scheduler's stop, like Ctrl-C) ends the running step, saves it although no save was due
     (--save_interval 100), exits with 128 + 15 and one line; --from_resume 1 then finishes the uninterrupted run."""

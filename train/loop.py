@@ -113,6 +113,8 @@ class Loop:
         try:
             for h in self.hooks:
                 h.before_loop(self, state)
+            if not positions and self.resumed_at is not None:
+                self._last_adapters(state)
             for epoch, s0, (arrays, n_chunks, cap, stats) in prefetch:
                 s = s0 + 1  # MiniMind counts steps from 1 within the epoch
                 at = StepPoint(epoch, s, int(batches.offsets[epoch]) + s, s == batches.iters[epoch])
@@ -215,6 +217,15 @@ class Loop:
         files = job.members[0].adapter_file if len(job.members) == 1 else f"{len(job.members)} adapters"
         self.last_saved = f"{files} (epoch {at.epoch + 1}, step {at.step}; resume state {state_dir})"
         self.saved = at
+
+    def _last_adapters(self, state) -> None:
+        """A resumed run with no step left: its run was stopped after the last step's resume state and before that
+        step's adapters (save writes them in that order), so they may be older than the state: written from it."""
+        batches, g = self.job.batches, self.resumed_at
+        e = int(np.searchsorted(batches.offsets, g, side="left")) - 1
+        s = g - int(batches.offsets[e])
+        if jax.process_index() == 0:
+            self._save_adapters(state, StepPoint(e, s, g, s == batches.iters[e]), f"{self.job.resume.directory}/{g}")
 
     def _save_adapters(self, state, at: StepPoint, state_dir: str) -> None:
         """Process 0: each member still training, at its own rank; a diverged member's file keeps its last good
