@@ -125,11 +125,11 @@ class Reply:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices,
                 **extra}
 
-    def _logprobs(self, c: Choice, upto: Optional[int] = None, prompt: bool = False):
-        """The logprobs object of choice c's tokens not yet sent, up to `upto` (with the prompt's, for echo)."""
+    def _logprobs(self, c: Choice, prompt: bool = False):
+        """The logprobs object of choice c's tokens not yet sent (with the prompt's first, for echo)."""
         if self.formats is None:
             return None
-        new = c.logprobs[c.sent:upto]
+        new = c.logprobs[c.sent:]
         if self.chat:
             c.sent += len(new)
             return self.formats.chat(new)
