@@ -12,6 +12,7 @@ import hmac
 import json
 import threading
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 from fastapi import FastAPI, Request
@@ -24,7 +25,7 @@ from starlette.exceptions import HTTPException
 
 from . import tools
 from .engine import ContextError, Engine, Sampling
-from .loading import inside
+from .loading import adapter_name, inside, scan_lora_dir
 from .replies import ApiError, Choice, Formats, Prompt, Reply, Run, Sink
 from .schemas import AdapterLoad, Chat, ChatRequest, CompletionRequest, Detokenize, Sampled, Tokenize, error_body
 from .text import Pieces, TextStream
@@ -203,6 +204,24 @@ def build_app(engine: Engine, tokenizer, *, model_name: str = "minimind", lora_d
             raise ApiError(400, f"cannot load {body.path!r}: {e}", param="path") from None
         return {"id": body.name, "object": "model", **engine.adapters.names()[body.name]}
 
+    @app.get("/v1/adapters")
+    async def adapters():
+        """The loaded adapters, and the adapter files in --lora_dir that POST /v1/adapters can load (the
+        playground's Adapters view lists them)."""
+        loaded = engine.adapters.names()
+        data = [{"id": name, "object": "model", "parent": model_name, **info} for name, info in loaded.items()]
+        available = []
+        if lora_dir is not None:
+            root = Path(lora_dir).resolve()
+            # a recorded path is the command line's (--lora, --lora_dir) or relative to --lora_dir (POST)
+            by_path = {where: name for name, info in loaded.items() if info.get("path")
+                       for where in (Path(info["path"]).resolve(), (root / info["path"]).resolve())}
+            for path in scan_lora_dir(lora_dir):
+                available.append({"path": path.name, "name": adapter_name(path, engine.config.hidden_size,
+                                                                          engine.config.use_moe),
+                                  "loaded_as": by_path.get(path.resolve())})
+        return {"object": "list", "data": data, "lora_dir": lora_dir is not None, "available": available}
+
     @app.delete("/v1/adapters/{name}")
     async def unload(name: str):
         try:
@@ -294,13 +313,14 @@ def build_app(engine: Engine, tokenizer, *, model_name: str = "minimind", lora_d
                 raise ApiError(404, f"model {body.model!r} not found (no adapter {e.args[0]!r}; GET /v1/models "
                                     "lists them)", code="model_not_found", param="model") from None
             raise ApiError(400, where + str(e)) from None
-        reply = Reply(chat, body.model, None if body.k is None else Formats(tokenizer, body.k))
+        reply = Reply(chat, body.model, None if body.k is None else Formats(pieces, body.k))
         run = Run(engine, choices, queue, metrics, reply, sum(len(p.ids) for p in prompts))
         if body.stream:
             return StreamingResponse(run.stream(body.include_usage), media_type="text/event-stream")
         return await run.whole(request)
 
-    playground.mount(app, engine, model_name=model_name, lora_dir=lora_dir, auth=bool(api_key), page=ui)
+    if ui:
+        playground.mount(app, auth=bool(api_key))
     return app
 
 

@@ -434,7 +434,7 @@ class Engine:
         for i in keep:
             s = self.slots[i]
             s.pos, s.token = s.pos + 1, int(chosen[i])
-        return self._deliver(keep, scores, keep)
+        return self._deliver(keep, scores)
 
     def _knobs(self, samplings, seeds, steps):
         return programs.knobs_of(samplings, seeds, steps, Sampling(temperature=0).static)
@@ -447,12 +447,12 @@ class Engine:
             self.cache = programs.resize(self.cache, length=length)
             self.cache_len = length
 
-    def _deliver(self, which, scores=None, rows=()) -> dict[int, str]:
-        """Hand each slot in `which` its new token (and its logprob: row rows[n] of `scores`, for the requests that
-        asked) -> {slot: why its request ends now} for those that end."""
+    def _deliver(self, which, scores=None, rows=None) -> dict[int, str]:
+        """Hand each slot in `which` its new token (and its logprob: row rows[n] of `scores`, default the slot's
+        own, for the requests that asked) -> {slot: why its request ends now} for those that end."""
         ended = {}
         scores = None if scores is None else [np.asarray(x) for x in scores]
-        for i, row in itertools.zip_longest(which, rows):
+        for i, row in zip(which, which if rows is None else rows, strict=True):
             s = self.slots[i]
             req = s.req
             req.generated += 1

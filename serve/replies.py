@@ -81,8 +81,8 @@ class Formats:
     """Logprobs as OpenAI writes them; token text is what decoding the token alone gives (U+FFFD for part of a
     character), its bytes exact."""
 
-    def __init__(self, tokenizer, k: Optional[int]):
-        self.pieces, self.k = Pieces(tokenizer), k
+    def __init__(self, pieces: Pieces, k: Optional[int]):
+        self.pieces, self.k = pieces, k  # the server's one Pieces: its cache of token texts outlives a request
 
     def legacy(self, tokens: list, lps: list, offset: int, added: int = 0) -> tuple[dict, int]:
         """/v1/completions' object for `tokens` (ids) with their Logprobs (None: unscored, the first of an echo);

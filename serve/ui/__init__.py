@@ -3,19 +3,17 @@ mix (sliders compose the `model` string), compares 2-4 models on one prompt, loa
 /metrics live. Plain files beside this module (index.html, app.js, style.css: no build step, nothing from the
 network), calling the same public API as any client; `python -m serve.openai --ui 0` leaves the page out.
 
-    mount(app, engine, model_name="minimind", lora_dir=None, auth=False, page=True)
+    mount(app, auth=False)
 
 registers GET / (the page, under a strict Content-Security-Policy: no inline script, requests to this origin only),
-GET /ui/app.js and /ui/style.css, and GET /v1/adapters: the loaded adapters and the adapter files in --lora_dir that
-POST /v1/adapters can load (an API route: behind the API key like the others). `PUBLIC` names the page's paths,
+GET /ui/app.js and /ui/style.css. The page lists the adapters it can load with the API's GET /v1/adapters (serve.app,
+behind the API key like the other API routes). `PUBLIC` names the page's paths,
 which need no key (they hold no data: the page asks for the key and keeps it in the browser's session storage; the
 server never puts it in the page).
 """
 from __future__ import annotations
 
 from importlib import resources
-from pathlib import Path
-from typing import Optional
 
 FILES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 PUBLIC = frozenset({"/"} | {f"/ui/{name}" for name in FILES})  # the page and its files: served without the key
@@ -33,29 +31,11 @@ def is_public(path: str) -> bool:
     return path in PUBLIC
 
 
-def mount(app, engine, *, model_name: str = "minimind", lora_dir=None, auth: bool = False, page: bool = True) -> None:
-    """Add GET /v1/adapters and, with `page`, the playground's routes to `app` (build_app's FastAPI app).
-    `auth`: the server wants an API key, so the page asks for one before its first request."""
+def mount(app, *, auth: bool = False) -> None:
+    """Add the playground's routes to `app` (build_app's FastAPI app). `auth`: the server wants an API key, so the
+    page asks for one before its first request."""
     from fastapi.responses import Response
 
-    from ..loading import adapter_name, scan_lora_dir
-
-    @app.get("/v1/adapters")
-    async def adapters():
-        loaded = engine.adapters.names()
-        data = [{"id": name, "object": "model", "parent": model_name, **info} for name, info in loaded.items()]
-        available = []
-        if lora_dir is not None:
-            root = Path(lora_dir).resolve()
-            by_path = {where: name for name, info in loaded.items() for where in _places(root, info.get("path"))}
-            for path in scan_lora_dir(lora_dir):
-                available.append({"path": path.name, "name": adapter_name(path, engine.config.hidden_size,
-                                                                          engine.config.use_moe),
-                                  "loaded_as": by_path.get(path.resolve())})
-        return {"object": "list", "data": data, "lora_dir": lora_dir is not None, "available": available}
-
-    if not page:
-        return
     html = read("index.html").decode().replace('data-auth="0"', f'data-auth="{int(bool(auth))}"')
     files = {name: read(name) for name in FILES}
 
@@ -69,9 +49,3 @@ def mount(app, engine, *, model_name: str = "minimind", lora_dir=None, auth: boo
         if name not in files:
             return Response(status_code=404)
         return Response(files[name], media_type=FILES[name], headers=HEADERS)
-
-
-def _places(root: Path, path: Optional[str]) -> list:
-    """Where a loaded adapter's recorded path may point: --lora / --lora_dir paths are the command line's (relative
-    to the working directory), POST /v1/adapters paths are relative to --lora_dir."""
-    return [] if not path else [Path(path).resolve(), (root / path).resolve()]
