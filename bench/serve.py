@@ -248,6 +248,14 @@ def start_ours(args, work: Path, weight: Optional[Path], lora_dir: Optional[Path
     print("$ " + " ".join(cmd), flush=True)
     server = start_server("serve.openai", cmd, ROOT, env, work / "serve_openai.log", port, "ours", "/health",
                           args.startup_timeout)
+    # the scoring programs compile in a background thread once the server serves: the windows start after them
+    t0 = time.perf_counter()
+    while "[serve] compiled" in tail(server.log, 10 ** 6) and "scoring programs" not in tail(server.log, 10 ** 6):
+        if time.perf_counter() - t0 > args.startup_timeout or server.proc.poll() is not None:
+            server.stop()
+            raise SystemExit(f"serve.openai did not finish its scoring compiles:\n{tail(server.log)}")
+        time.sleep(0.25)
+    server.startup_s += time.perf_counter() - t0
     warnings = [line for line in tail(server.log, 10 ** 6).splitlines() if "warning:" in line]
     if warnings:  # an adapter recorded other base weights than the server loaded: not the base we meant
         server.stop()
